@@ -1,0 +1,229 @@
+"""HLIP's vision tower: a ViT whose blocks attend within slice, scan or study windows.
+
+A study is a batch element holding up to ``N`` scans ``[N, 1, D, H, W]``. One Conv3d cuts each scan
+into ``gd x gh x gw`` patches. Patch tokens are kept in study order ``[B, N, gd, gh*gw, C]`` so that
+every window is a contiguous run of tokens:
+
+* ``slice``: one depth slab (``gh*gw`` tokens) of one scan -> ``B*N*gd`` windows,
+* ``scan``: one whole scan (``gd*gh*gw`` tokens) -> ``B*N`` windows,
+* ``study``: every token of every scan -> ``B`` windows.
+
+Each window carries its own copy of the CLS token. Going to a finer level *splits*: the CLS token is
+copied into every sub-window. Going to a coarser level *merges*: windows are concatenated and the
+CLS copies averaged (over real scans only). Regrouping adds no parameters, so the same weights run
+any layout, including ``full`` attention (every block study-wide, the naive 3D-CLIP baseline).
+
+Studies with fewer scans than the batch maximum are zero-padded; ``scan_mask`` marks real scans.
+Padded tokens are excluded as keys in study-level attention and from CLS averaging, so a study's
+embedding does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hlip_fed.config import VisionConfig
+from hlip_fed.model.pos_embed import resample_3d, scan_slots, sincos_1d, sincos_3d
+
+
+def windows_per_study(level: str, n_scans: int, n_slabs: int) -> int:
+    return {"slice": n_scans * n_slabs, "scan": n_scans, "study": 1}[level]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a block's residual branch per sample in training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``level`` says which window it attends within."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float, level: str):
+        super().__init__()
+        self.level = level
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed3D(nn.Module):
+    """One Conv3d over every scan: ``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, C]``."""
+
+    def __init__(self, patch_size: tuple[int, int, int], dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(1, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        x = self.proj(x.flatten(0, 1))  # [B*N, C, gd, gh, gw]
+        c, gd, gh, gw = x.shape[1:]
+        return x.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
+
+
+class HLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_size))
+        levels = cfg.attention.levels if cfg.attention.mode == "hierarchical" else ["study"] * cfg.depth
+        self.levels = list(levels)
+        self.patch_embed = PatchEmbed3D(tuple(cfg.patch_size), cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        # Frozen position embeddings: derived from the config, so not part of the state dict.
+        self.register_buffer("pos_spatial", sincos_3d(cfg.width, self.grid), persistent=False)
+        self.register_buffer(
+            "pos_scan", sincos_1d(cfg.width, torch.arange(cfg.max_scans)), persistent=False
+        )
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], self.levels[i])
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.patch_dropout = cfg.patch_dropout
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
+
+    # --- token regrouping -------------------------------------------------------------------
+    def _to_windows(self, tokens: torch.Tensor, cls: torch.Tensor, level: str) -> torch.Tensor:
+        """``tokens [B, N, S, T, C]`` + per-window ``cls [B*w, 1, C]`` -> ``[B*w, 1 + L_w, C]``."""
+        b, n, s, t, c = tokens.shape
+        w = windows_per_study(level, n, s)
+        return torch.cat([cls, tokens.reshape(b * w, -1, c)], dim=1)
+
+    def _regroup_cls(
+        self, cls: torch.Tensor, b: int, src: str, dst: str, n: int, s: int, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Move CLS copies from ``src`` windows to ``dst`` windows: copy on split, mean on merge."""
+        w_src, w_dst = windows_per_study(src, n, s), windows_per_study(dst, n, s)
+        cls = cls.reshape(b, w_src, -1)
+        if w_dst > w_src:  # split: every sub-window gets the parent's CLS
+            cls = cls.repeat_interleave(w_dst // w_src, dim=1)
+        elif w_dst < w_src:  # merge: average the CLS copies of real windows
+            k = w_src // w_dst
+            wt = weights.repeat_interleave(s, dim=1) if src == "slice" else weights  # [B, w_src]
+            wt = wt.reshape(b, w_dst, k, 1).to(cls.dtype)
+            cls = (cls.reshape(b, w_dst, k, -1) * wt).sum(2) / wt.sum(2).clamp_min(1e-6)
+        return cls.reshape(b * w_dst, 1, -1)
+
+    # --- forward ----------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embeddings, ``[B, N, S, T, C]``."""
+        x = self.patch_embed(images)
+        b, n, s, t, c = x.shape
+        grid = tuple(g // p for g, p in zip(images.shape[-3:], self.patch_embed.patch_size))
+        spatial = resample_3d(self.pos_spatial, grid).reshape(s, t, c)
+        slots = scan_slots(self.pos_scan, scan_mask.sum(1), n, self.training).to(x.dtype)
+        return x + spatial.to(x.dtype) + slots[:, :, None, None, :]
+
+    def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch dropout: keep a random subset of tokens in each window (training only).
+
+        The subset is drawn per depth slab when the layout has slice-level blocks and per scan
+        otherwise, so every window of every level keeps the same token count and the regrouping
+        reshapes stay valid. Kept tokens stay in their original order.
+        """
+        if not self.training or self.patch_dropout == 0.0:
+            return x
+        b, n, s, t, c = x.shape
+        if "slice" not in self.levels:
+            x, s, t = x.reshape(b, n, 1, s * t, c), 1, s * t
+        keep = max(1, int(round(t * (1.0 - self.patch_dropout))))
+        idx = torch.rand(b, n, s, t, device=x.device).argsort(-1)[..., :keep].sort(-1).values
+        return x.gather(3, idx[..., None].expand(-1, -1, -1, -1, c))
+
+    def forward(self, images: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, N, 1, D, H, W]``, ``scan_mask [B, N]`` (True = real scan) -> ``[B, embed_dim]``."""
+        if images.ndim != 6 or images.shape[2] != 1:
+            raise ValueError(f"expected images [B, N_scans, 1, D, H, W], got {list(images.shape)}")
+        b, n = images.shape[:2]
+        if scan_mask is None:
+            scan_mask = torch.ones(b, n, dtype=torch.bool, device=images.device)
+        tokens = self.drop_patches(self.embed(images, scan_mask))
+        _, _, s, t, c = tokens.shape
+        weights = scan_mask.to(tokens.dtype)
+        # Keys of padded scans are hidden from study-level attention (CLS always visible).
+        study_mask = None
+        if not bool(scan_mask.all()):
+            keys = scan_mask[:, :, None].expand(b, n, s * t).reshape(b, -1)
+            study_mask = torch.cat([keys.new_ones(b, 1), keys], 1)[:, None, None, :]
+
+        level = self.levels[0]
+        cls = self.cls_token.expand(b, 1, c)
+        cls = self._regroup_cls(cls, b, "study", level, n, s, weights)
+        x = self._to_windows(tokens, cls, level)
+        for block in self.blocks:
+            if block.level != level:
+                cls, tokens = x[:, :1], x[:, 1:].reshape(b, n, s, t, c)
+                cls = self._regroup_cls(cls, b, level, block.level, n, s, weights)
+                level = block.level
+                x = self._to_windows(tokens, cls, level)
+            mask = study_mask if level == "study" else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        cls = self._regroup_cls(x[:, :1], b, level, "study", n, s, weights)
+        return self.proj(self.norm(cls[:, 0]))
+
+    @property
+    def tokens_per_scan(self) -> int:
+        return math.prod(self.grid)

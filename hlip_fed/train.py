@@ -1,0 +1,137 @@
+"""Local contrastive training of HLIP: the steps one site (or the pooled baseline) runs.
+
+``train_steps`` is the single training loop of the project; centralised training, local-only
+baselines and every federated client call it. It supports gradient accumulation (bigger effective
+batches for InfoNCE at small sites), autocast, gradient clipping, CLIP's logit-scale clamp after each
+step, and FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from hlip_fed.config import TrainConfig
+from hlip_fed.model import HLIP
+from hlip_fed.model.tokenizer import ReportTokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, scan_mask, reports, ids
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+def make_optimizer(model: HLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not norms, biases, tokens, temperature)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "cls_token" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up then cosine decay to zero over ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
+
+
+def cycle(loader, seed: int) -> Iterator[Batch]:
+    """Endless batches: a new shuffled pass whenever the previous one ends (seeded per pass)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "generator") and loader.sampler.generator is not None:
+            loader.sampler.generator.manual_seed(seed + epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("no training studies to draw batches from")
+        epoch += 1
+
+
+def train_steps(
+    model: HLIP,
+    tokenizer: ReportTokenizer,
+    batches: Iterator[Batch],
+    cfg: TrainConfig,
+    steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    on_step=None,
+) -> TrainStats:
+    """Run ``steps`` optimiser steps of ``cfg.grad_accum`` micro-batches each.
+
+    ``start_step``/``total_steps`` place these steps on the learning-rate schedule (a federated
+    round continues the schedule of the rounds before it). With ``proximal_mu > 0`` the loss gains
+    FedProx's term towards ``anchor`` (name -> tensor, normally the global weights of the round).
+    """
+    device = torch.device(cfg.device)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    total_steps = total_steps or start_step + steps
+    rng = random.Random(cfg.seed + start_step)
+    params = dict(model.named_parameters())
+    prox = {}
+    if proximal_mu > 0 and anchor:
+        prox = {k: v.to(device) for k, v in anchor.items() if k in params and params[k].requires_grad}
+    stats = TrainStats()
+    model.train()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(start_step + i, cfg, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            images, scan_mask, reports, _ids = next(batches)
+            tokens = tokenizer(reports, train=True, rng=rng)
+            with autocast(cfg):
+                out = model(images.to(device), scan_mask.to(device), **{k: v.to(device) for k, v in tokens.items()})
+                loss = model.loss(out["image"].float(), out["text"].float())
+            if prox:
+                loss = loss + 0.5 * proximal_mu * sum((params[k] - w).pow(2).sum() for k, w in prox.items())
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            stats.examples += len(reports)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training diverged: loss {step_loss} at step {start_step + i}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        model.clamp_logit_scale()
+        stats.steps += 1
+        stats.losses.append(step_loss)
+        if on_step is not None:
+            on_step(start_step + i, step_loss)
+    stats.seconds = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,294 @@
+"""The HLIP model is the paper's: window attention, CLS split/merge, masking, position embeddings,
+losses, persistence. Every test compares against an independent computation."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hlip_fed.config import AttentionConfig, load_config
+from hlip_fed.model import HLIP, create_model, create_tokenizer
+from hlip_fed.model.loss import clip_loss, siglip_loss
+from hlip_fed.model.pos_embed import scan_slots, sincos_1d, sincos_3d
+from hlip_fed.model.vision import HLIPVisionTransformer
+
+
+def vision(cfg, levels=None, mode="hierarchical", **changes):
+    v = cfg.model.vision
+    if levels is not None:
+        v = dataclasses.replace(v, depth=len(levels), attention=AttentionConfig(mode=mode, levels=list(levels)))
+    elif mode != v.attention.mode:
+        v = dataclasses.replace(v, attention=AttentionConfig(mode=mode, levels=v.attention.levels))
+    v = dataclasses.replace(v, **changes)
+    torch.manual_seed(0)
+    return HLIPVisionTransformer(v, cfg.model.embed_dim).eval()
+
+
+def study(b=1, n=2, seed=1, size=(32, 96, 96)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, 1, *size, generator=g)
+
+
+def naive_full_attention(m: HLIPVisionTransformer, images):
+    """A plain ViT over every token of the study, written without any window logic."""
+    b = images.shape[0]
+    tokens = m.embed(images, torch.ones(images.shape[:2], dtype=torch.bool)).flatten(1, 3)
+    x = torch.cat([m.cls_token.expand(b, 1, -1), tokens], 1)
+    for blk in m.blocks:
+        x = x + blk.attn(blk.norm1(x))
+        x = x + blk.mlp(blk.norm2(x))
+    return m.proj(m.norm(x[:, 0]))
+
+
+def test_all_study_layout_equals_full_attention(tiny_cfg):
+    hier = vision(tiny_cfg, levels=["study"] * 3)
+    full = vision(tiny_cfg, mode="full")
+    full.load_state_dict(hier.state_dict())
+    x = study(b=2, n=3)
+    with torch.no_grad():
+        ref = naive_full_attention(hier, x)
+        torch.testing.assert_close(hier(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full(x), ref, atol=1e-5, rtol=1e-5)
+        # ...and a hierarchical layout really is something else.
+        h2 = vision(tiny_cfg)
+        h2.load_state_dict(hier.state_dict())
+        assert (h2(x) - ref).abs().max() > 1e-3
+
+
+def last_block_windows(m, x):
+    out = {}
+    handle = m.blocks[-1].register_forward_hook(lambda mod, args, y: out.setdefault("y", y.detach()))
+    with torch.no_grad():
+        m(x)
+    handle.remove()
+    return out["y"]
+
+
+def test_scan_windows_isolate_scans_and_study_blocks_mix_them(tiny_cfg):
+    x = study(n=2)
+    x2 = x.clone()
+    x2[:, 1] += torch.randn_like(x2[:, 1])  # change the voxels of scan 2 only
+
+    scan_only = vision(tiny_cfg, levels=["scan", "scan"])
+    a, b = last_block_windows(scan_only, x), last_block_windows(scan_only, x2)
+    assert a.shape[0] == 2  # one window per scan
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)  # scan-1 tokens (and CLS copy) untouched
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+    mixed = vision(tiny_cfg, levels=["scan", "study"])
+    a, b = last_block_windows(mixed, x), last_block_windows(mixed, x2)
+    tokens_scan1 = slice(1, 1 + mixed.tokens_per_scan)
+    assert (a[0, tokens_scan1] - b[0, tokens_scan1]).abs().max() > 1e-4
+
+
+def test_slice_windows_hold_one_depth_slab(tiny_cfg):
+    m = vision(tiny_cfg, levels=["slice", "scan", "study"])
+    x = study(n=2)
+    y = last_block_windows(vision(tiny_cfg, levels=["slice"]), x)
+    gd, gh, gw = m.grid
+    assert y.shape[:2] == (2 * gd, 1 + gh * gw)
+
+
+def test_cls_split_copies_and_merge_averages_real_windows(tiny_cfg):
+    m = vision(tiny_cfg)
+    b, n, s, c = 2, 3, 4, m.cfg.width
+    weights = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    cls = torch.randn(b, 1, c)
+    per_scan = m._regroup_cls(cls, b, "study", "scan", n, s, weights)
+    assert per_scan.shape == (b * n, 1, c)
+    torch.testing.assert_close(per_scan.view(b, n, c), cls.expand(b, n, c))
+    per_slice = m._regroup_cls(per_scan, b, "scan", "slice", n, s, weights)
+    torch.testing.assert_close(per_slice.view(b, n * s, c), cls.expand(b, n * s, c))
+
+    distinct = torch.randn(b * n, 1, c)
+    merged = m._regroup_cls(distinct, b, "scan", "study", n, s, weights).view(b, c)
+    d = distinct.view(b, n, c)
+    torch.testing.assert_close(merged[0], d[0, :2].mean(0))  # the padded third scan is ignored
+    torch.testing.assert_close(merged[1], d[1].mean(0))
+
+    slabs = torch.randn(b * n * s, 1, c)
+    to_scan = m._regroup_cls(slabs, b, "slice", "scan", n, s, weights).view(b, n, c)
+    real = weights.bool()
+    torch.testing.assert_close(to_scan[real], slabs.view(b, n, s, c).mean(2)[real])
+    to_study = m._regroup_cls(slabs, b, "slice", "study", n, s, weights).view(b, c)
+    torch.testing.assert_close(to_study[0], slabs.view(b, n, s, c)[0, :2].mean((0, 1)))
+
+
+@pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"], ["study"] * 3])
+def test_padded_study_has_the_same_embedding(tiny_cfg, levels):
+    m = vision(tiny_cfg, levels=levels)
+    two, four = study(n=2, seed=3), study(n=4, seed=4)
+    batch = torch.cat([F.pad(two, (0,) * 8 + (0, 2)), four])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        alone = m(two)
+        batched = m(batch, mask)
+        alone4 = m(four)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched[1], alone4[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sincos_embeddings_match_the_formula():
+    pos = torch.tensor([0.0, 3.0])
+    e = sincos_1d(8, pos)
+    omega = 1.0 / 10000 ** (torch.arange(4) / 4.0)
+    torch.testing.assert_close(e[1], torch.cat([torch.sin(3 * omega), torch.cos(3 * omega)]))
+    s = sincos_3d(96, (2, 3, 4))
+    assert s.shape == (2, 3, 4, 96)
+    torch.testing.assert_close(s[1, 2, 3, :32], sincos_1d(32, torch.tensor(3.0)))  # width term
+    torch.testing.assert_close(s[1, 2, 3, 64:], sincos_1d(32, torch.tensor(1.0)))  # depth term
+
+
+def test_position_embeddings_follow_input_size_and_scan_count(tiny_cfg):
+    m = vision(tiny_cfg)
+    with torch.no_grad():
+        assert m(study(size=(48, 112, 112))).shape == (1, tiny_cfg.model.embed_dim)
+        # The resampled grid at the original size is the original embedding.
+        tokens = m.embed(study(size=(32, 96, 96)) * 0, torch.ones(1, 2, dtype=torch.bool))
+        bias = m.patch_embed.proj.bias
+        expected = m.pos_spatial.reshape(4, 36, -1) + bias + m.pos_scan[1]
+        torch.testing.assert_close(tokens[0, 1], expected, atol=1e-6, rtol=1e-6)
+        # More scans than slots: interpolated at evaluation.
+        small = vision(tiny_cfg, max_scans=3)
+        assert torch.isfinite(small(study(n=5, size=(16, 32, 32)))).all()
+    table = sincos_1d(12, torch.arange(40))
+    evals = scan_slots(table, torch.tensor([3]), 3, training=False)
+    torch.testing.assert_close(evals[0], table[:3])
+    gen = torch.Generator().manual_seed(0)
+    train = scan_slots(table, torch.tensor([5, 2]), 5, training=True, generator=gen)
+    rows = [int((table == r).all(1).nonzero()) for r in train[0]]
+    assert rows == sorted(rows) and len(set(rows)) == 5 and rows != list(range(5))
+    rows2 = [int((table == r).all(1).nonzero()) for r in train[1, :2]]
+    assert rows2 == sorted(rows2)
+
+
+def test_patch_dropout_keeps_windows_consistent(tiny_cfg):
+    for levels in (["slice", "scan", "study"], ["scan", "scan", "study"]):
+        m = vision(tiny_cfg, levels=levels, patch_dropout=0.5).train()
+        x = study(b=2, n=2)
+        tokens = m.drop_patches(m.embed(x, torch.ones(2, 2, dtype=torch.bool)))
+        assert tokens.shape[2] * tokens.shape[3] == m.tokens_per_scan // 2
+        assert torch.isfinite(m(x)).all()
+        m.eval()
+        assert m.drop_patches(tokens).shape == tokens.shape  # evaluation never drops
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
+    a = vision(tiny_cfg, drop_path=0.1).train()
+    b = vision(tiny_cfg, drop_path=0.1, grad_checkpointing=True).train()
+    b.load_state_dict(a.state_dict())
+    x = study()
+    torch.manual_seed(5)  # same scan slots and drop-path draws in both runs
+    a(x).square().sum().backward()
+    torch.manual_seed(5)
+    b(x).square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradients_reach_trainable_parameters_and_not_a_locked_text_encoder(tiny_cfg):
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg.model).train()
+    tok = create_tokenizer(tiny_cfg.model)
+    batch = tok(["Large mass in the left frontal lobe.", "No acute intracranial abnormality."])
+    out = model(study(b=2, n=2), torch.ones(2, 2, dtype=torch.bool), **batch)
+    model.loss(**out).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("text.encoder."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+    unlocked = dataclasses.replace(tiny_cfg.model, text=dataclasses.replace(tiny_cfg.model.text, lock=False))
+    model = create_model(unlocked).train()
+    out = model(study(b=2, n=1), None, **batch)
+    model.loss(**out).backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("text.encoder.")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_clip_and_siglip_losses_match_a_hand_computation():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    txt = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    sim = [[sum(a * b for a, b in zip(i, t)) * 10.0 for t in txt.tolist()] for i in img.tolist()]
+
+    def ce(rows):
+        return sum(-r[k] + math.log(sum(math.exp(v) for v in r)) for k, r in enumerate(rows)) / len(rows)
+
+    cols = [list(c) for c in zip(*sim)]
+    assert clip_loss(img, txt, scale).item() == pytest.approx(0.5 * (ce(sim) + ce(cols)), rel=1e-6)
+
+    bias = torch.tensor(-2.0)
+    total = 0.0
+    for i, row in enumerate(sim):
+        for j, v in enumerate(row):
+            z = (1.0 if i == j else -1.0) * (v - 2.0)
+            total += math.log(1.0 + math.exp(-z))
+    assert siglip_loss(img, txt, scale, bias).item() == pytest.approx(total / 3, rel=1e-6)
+
+
+def test_logit_scale_is_clamped_and_siglip_initialised(tiny_cfg):
+    model = create_model(tiny_cfg.model)
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    sig = dataclasses.replace(tiny_cfg.model, loss=dataclasses.replace(tiny_cfg.model.loss, name="siglip"))
+    model = create_model(sig)
+    assert model.logit_scale.item() == pytest.approx(math.log(10)) and model.logit_bias.item() == -10.0
+
+
+def test_save_and_load_round_trip_bit_exactly(tiny_cfg, tmp_path):
+    model = create_model(tiny_cfg.model, seed=3).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.21)
+    model.save_pretrained(tmp_path / "m")
+    loaded = HLIP.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg == model.cfg
+    sa, sb = model.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    tok = create_tokenizer(tiny_cfg.model)
+    batch = tok(["Ventricles are enlarged."])
+    x = study()
+    with torch.no_grad():
+        assert torch.equal(model(x, None, **batch)["image"], loaded(x, None, **batch)["image"])
+        assert torch.equal(model(x, None, **batch)["text"], loaded(x, None, **batch)["text"])
+
+
+def test_minilm_loads_offline_from_the_installed_package_and_embeds_reports():
+    cfg = load_config("tiny")
+    assert cfg.model.text.pretrained and cfg.model.text.name.endswith("all-MiniLM-L6-v2")
+    model = create_model(cfg.model, seed=0)
+    tok = create_tokenizer(cfg.model)
+    reports = [
+        "There is an acute haemorrhage in the left parietal lobe.",
+        "Acute bleeding is seen in the left parietal region.",
+        "The ventricles and sulci are normal for age.",
+    ]
+    with torch.no_grad():
+        feats = F.normalize(model.text.features(**tok(reports)), dim=-1)
+    assert feats.shape == (3, 384)
+    sims = feats @ feats.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # real sentence embeddings, not random weights
+
+
+def test_model_info_reports_a_vit_base(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "hlip_fed.cli", "model", "info", "--preset", "vit_base_multiscan_h2_token1176", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    info = json.loads(out.stdout)
+    assert info["tokens_per_scan"] == 1176
+    assert abs(info["params_vision"] - 86e6) / 86e6 < 0.05
+    assert info["levels"] == ["scan", "scan", "study"] * 4
+    assert info["input_shape"] == ["B", "N_scans", 1, 48, 224, 224]
+    assert info["params_text"] > 0

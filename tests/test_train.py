@@ -1,0 +1,62 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from hlip_fed.demo import toy_batch
+from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.train import lr_at, make_optimizer, train_steps
+
+
+def batches(cfg, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield toy_batch(2, [16, 32, 32], gen)
+
+
+@pytest.fixture
+def small_cfg(tiny_cfg):
+    v = dataclasses.replace(tiny_cfg.model.vision, img_size=[16, 32, 32])
+    return dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, vision=v))
+
+
+def test_train_steps_counts_and_clamps(small_cfg):
+    model, tok = create_model(small_cfg.model, seed=0), create_tokenizer(small_cfg.model)
+    cfg = dataclasses.replace(small_cfg.train, grad_accum=2, lr=1e-3)
+    with torch.no_grad():
+        model.logit_scale.fill_(4.6)
+    stats = train_steps(model, tok, batches(cfg), cfg, steps=3)
+    assert stats.steps == 3 and stats.examples == 3 * 2 * 2
+    assert all(math.isfinite(x) for x in stats.losses)
+    assert 0.0 <= model.logit_scale.item() <= math.log(100) + 1e-6
+
+
+def test_proximal_term_keeps_weights_near_the_anchor(small_cfg):
+    cfg = dataclasses.replace(small_cfg.train, lr=5e-3, warmup_steps=0, weight_decay=0.0)
+
+    def drift(mu):
+        model, tok = create_model(small_cfg.model, seed=0), create_tokenizer(small_cfg.model)
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters() if k.startswith("visual.blocks")}
+        torch.manual_seed(0)
+        train_steps(model, tok, batches(cfg), cfg, steps=4, proximal_mu=mu, anchor=anchor)
+        params = dict(model.named_parameters())
+        return sum((params[k] - v).pow(2).sum().item() for k, v in anchor.items())
+
+    assert drift(50.0) < 0.8 * drift(0.0)
+
+
+def test_schedule_warms_up_then_decays(small_cfg):
+    cfg = dataclasses.replace(small_cfg.train, lr=1.0, warmup_steps=2)
+    lrs = [lr_at(s, cfg, total_steps=10) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.05
+
+
+def test_optimizer_skips_decay_on_norms_and_frozen_weights(small_cfg):
+    model = create_model(small_cfg.model, seed=0)
+    opt = make_optimizer(model, small_cfg.train)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[i].endswith("weight") for i in decayed)
+    assert not any(names[i].startswith("text.encoder") for g in opt.param_groups for i in map(id, g["params"]))
