@@ -1,0 +1,131 @@
+"""Torch dataset over a site folder: (study tensor [N, 1, D, H, W], report, study id).
+
+Scans are read with :func:`~hlip_fed.data.readers.read_scan`, preprocessed with
+:func:`~hlip_fed.data.preprocess.preprocess` and, when ``data.cache_dir`` is set, kept in the
+on-site :class:`~hlip_fed.data.cache.TensorCache`, so that every epoch after the first reads small
+tensors instead of decoding DICOM/NIfTI. A study whose report or every scan is unusable is skipped
+with a logged reason (the next usable study takes its place, so batches keep their size); an
+unreadable scan inside a usable study is skipped the same way. Studies keep at most
+``data.max_scans`` scans, the first readable ones in manifest order. ``collate_studies`` pads
+studies with fewer scans and returns the mask the HLIP vision tower consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hlip_fed.data.cache import TensorCache
+from hlip_fed.data.errors import DataError
+from hlip_fed.data.manifest import load_site, read_report
+
+log = logging.getLogger("hlip_fed.data")
+
+
+class SiteDataset(Dataset):
+    def __init__(
+        self,
+        site_dir: str | os.PathLike,
+        data_cfg,
+        img_size: Sequence[int],
+        split: str | None = "train",
+        manifest: str | os.PathLike | None = None,
+    ):
+        self.site = Path(site_dir)
+        self.data_cfg = data_cfg
+        self.img_size = [int(s) for s in img_size]
+        self.max_scans = int(data_cfg.max_scans)
+        entries = load_site(self.site, manifest)
+        if split is not None:
+            entries = [e for e in entries if e.get("split", "train") == split]
+        self.rejected: dict[str, str] = {}
+        self.entries = []
+        for e in entries:  # cheap structural checks now; decoding problems surface when loaded
+            if not e.get("scans"):
+                self._reject(e, f"{self.site / e.get('path', e['study_id'])}: no scans")
+            else:
+                self.entries.append(e)
+        self.cache = TensorCache(data_cfg.cache_dir, data_cfg, self.img_size) if data_cfg.cache_dir else None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _reject(self, entry: dict, reason: str) -> None:
+        if entry["study_id"] not in self.rejected:
+            self.rejected[entry["study_id"]] = reason
+            log.warning("skipping study %s: %s", entry["study_id"], reason)
+
+    def load_scan(self, path: str | os.PathLike) -> torch.Tensor:
+        """One preprocessed scan [1, D, H, W], from the cache when possible."""
+        from hlip_fed.data.preprocess import preprocess
+        from hlip_fed.data.readers import read_scan
+
+        def compute() -> torch.Tensor:
+            return preprocess(read_scan(path), self.data_cfg, self.img_size)
+
+        return self.cache.load(path, compute) if self.cache is not None else compute()
+
+    def load_study(self, entry: dict) -> tuple[torch.Tensor, str, str]:
+        """Raises DataError when the study has no usable report or no readable scan."""
+        report = read_report(entry, self.site)
+        scans, reasons = [], []
+        for scan in entry["scans"]:
+            if len(scans) >= self.max_scans:
+                break
+            path = self.site / scan["path"]
+            try:
+                scans.append(self.load_scan(path))
+            except DataError as exc:
+                reasons.append(str(exc))
+                log.warning("skipping scan of study %s: %s", entry["study_id"], exc)
+        if not scans:
+            raise DataError(self.site / entry.get("path", entry["study_id"]), "no readable scan (" + "; ".join(reasons) + ")")
+        return torch.stack(scans), report, entry["study_id"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
+        n = len(self.entries)
+        for step in range(n):
+            entry = self.entries[(index + step) % n]
+            if entry["study_id"] in self.rejected:
+                continue
+            try:
+                return self.load_study(entry)
+            except DataError as exc:
+                self._reject(entry, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not end training
+                self._reject(entry, f"{self.site / entry['path']}: unreadable ({type(exc).__name__}: {exc})")
+        raise DataError(self.site, "no usable study in this site")
+
+
+def collate_studies(batch):
+    """Stack studies with different scan counts.
+
+    Returns ``images`` [B, N_max, 1, D, H, W] (zero-padded), ``scan_mask`` [B, N_max] bool (True for
+    a real scan), the report texts and the study ids.
+    """
+    n_max = max(item[0].shape[0] for item in batch)
+    first = batch[0][0]
+    images = first.new_zeros((len(batch), n_max, *first.shape[1:]))
+    mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
+    for i, (scans, _, _) in enumerate(batch):
+        images[i, : scans.shape[0]] = scans
+        mask[i, : scans.shape[0]] = True
+    return images, mask, [item[1] for item in batch], [item[2] for item in batch]
+
+
+def site_loader(site_dir, cfg, split: str | None = "train", shuffle: bool = True, **kwargs) -> DataLoader:
+    """A DataLoader over one site configured from a full :class:`~hlip_fed.config.Config`."""
+    dataset = SiteDataset(site_dir, cfg.data, cfg.model.vision.img_size, split=split)
+    return DataLoader(
+        dataset,
+        batch_size=kwargs.pop("batch_size", cfg.train.batch_size),
+        shuffle=shuffle,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_studies,
+        **kwargs,
+    )

@@ -1,0 +1,187 @@
+"""Site folder: index/manifest, check, dataset + collate, cache, and the site/volume commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from hlip_fed.cli import main
+from hlip_fed.config import DataConfig
+from hlip_fed.data import DataError
+from hlip_fed.data.check import check_site
+from hlip_fed.data.dataset import SiteDataset, collate_studies
+from hlip_fed.data.dicom_writer import write_dicom_series
+from hlip_fed.data.manifest import index_site, read_manifest, write_manifest
+
+IMG = (8, 16, 16)
+
+
+def _mr(path: Path, seed: int, sequence: str | None = None, shape=(12, 14, 10)) -> None:
+    a = np.random.default_rng(seed).gamma(2.0, 50.0, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.diag([1.2, 1.2, 3.0, 1.0])), path)
+    if sequence:
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps({"modality": "MR", "sequence": sequence}))
+
+
+def _study(site: Path, split: str, sid: str, report: str | None = "No acute findings.") -> Path:
+    d = site / split / sid
+    d.mkdir(parents=True)
+    if report is not None:
+        (d / "report.txt").write_text(report)
+    return d
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    site = tmp_path / "site"
+    s1 = _study(site, "train", "s1", "Small T2 hyperintensity in the left frontal lobe.")
+    _mr(s1 / "t1.nii.gz", 1, "T1")
+    _mr(s1 / "t2.nii.gz", 2, "T2")
+    s2 = _study(site, "train", "s2", "Normal head CT.")
+    ct = np.random.default_rng(3).integers(-1000, 80, (6, 12, 12)).astype(np.float32)
+    axial = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])  # axis 0 -> S
+    write_dicom_series(ct, axial, s2 / "ct", "CT")
+    s3 = _study(site, "train", "s3", "   ")  # empty report -> rejected
+    _mr(s3 / "flair.nii.gz", 4)
+    s4 = _study(site, "train", "s4", "Chronic infarct.")
+    (s4 / "a_broken.nii.gz").write_bytes(b"not a nifti" * 50)  # one bad scan, one good
+    _mr(s4 / "b_t1.nii.gz", 5, "T1")
+    v1 = _study(site, "val", "v1", "Meningioma.")
+    _mr(v1 / "t1c.nii.gz", 6, "T1C")
+    t1 = _study(site, "test", "t1", None)  # no report -> rejected
+    _mr(t1 / "t1.nii.gz", 7)
+    return site
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_index_and_manifest_roundtrip(site, tmp_path):
+    entries = index_site(site)
+    by_id = {e["study_id"]: e for e in entries}
+    assert sorted(by_id) == ["s1", "s2", "s3", "s4", "t1", "v1"]
+    assert by_id["s1"]["scans"] == [
+        {"path": "train/s1/t1.nii.gz", "format": "nifti", "modality": "MR", "sequence": "T1"},
+        {"path": "train/s1/t2.nii.gz", "format": "nifti", "modality": "MR", "sequence": "T2"},
+    ]
+    assert by_id["s2"]["scans"][0] == {"path": "train/s2/ct", "format": "dicom-series", "modality": "CT", "sequence": None}
+    assert by_id["v1"]["split"] == "val" and by_id["t1"]["report"] is None
+    out = write_manifest(entries, tmp_path / "m.jsonl")
+    assert read_manifest(out) == entries
+    # report text kept in the manifest survives re-indexing
+    by_id["t1"]["report_text"] = "Report from the RIS."
+    again = {e["study_id"]: e for e in index_site(site, previous=entries)}
+    assert again["t1"]["report_text"] == "Report from the RIS."
+
+
+def test_check_site_lists_problems_and_never_writes(site):
+    before = _tree_digest(site)
+    report = check_site(site)
+    assert (report.studies_ok, report.studies_bad) == (4, 2)  # s1 s2 s4 v1 | s3 t1
+    assert report.scans_bad == 1 and report.splits == {"train": 3, "val": 1}
+    errors = {Path(p["path"]).name: p["error"] for p in report.problems}
+    assert errors["report.txt"] == "empty report"
+    assert errors["t1"].startswith("missing report")
+    assert "not a NIfTI file" in errors["a_broken.nii.gz"]
+    assert _tree_digest(site) == before
+
+
+def test_site_commands(site, capsys):
+    assert main(["site", "index", str(site)]) == 0
+    assert "indexed 6 studies (test 1, train 4, val 1)" in capsys.readouterr().out
+    assert len(read_manifest(site / "manifest.jsonl")) == 6
+    assert main(["site", "check", str(site), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["studies_ok"] == 4 and data["studies_bad"] == 2
+    assert all({"path", "error"} <= set(p) for p in data["problems"])
+    assert main(["site", "check", str(site)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"site {site}: 4 of 6 studies usable")
+    assert sum(line.startswith("problem: ") for line in lines) == 3
+    assert main(["site", "check", str(site), "--split", "test"]) == 1  # nothing usable there
+
+
+def test_volume_info_command(site, capsys):
+    assert main(["volume", "info", str(site / "train/s2/ct"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [6, 12, 12] and info["modality"] == "CT" and info["orientation"] == "SAR"
+    assert info["spacing"] == pytest.approx([2.5, 0.8, 0.8])
+    assert info["intensity"]["min"] >= -1000 and info["intensity"]["max"] < 80
+    assert main(["volume", "info", str(site / "train/s1/t1.nii.gz")]) == 0
+    assert "modality:    MR (T1)" in capsys.readouterr().out
+
+
+def test_dataset_skips_rejected_studies_and_collates(site, caplog):
+    cfg = DataConfig(max_scans=4)
+    ds = SiteDataset(site, cfg, IMG, split="train")
+    assert len(ds) == 4
+    with caplog.at_level("WARNING", logger="hlip_fed.data"):
+        items = [ds[i] for i in range(len(ds))]
+    ids = [i[2] for i in items]
+    assert ids == ["s1", "s2", "s4", "s4"]  # s3 (empty report) is replaced by the next usable study
+    assert "s3" in ds.rejected and "empty report" in ds.rejected["s3"]
+    assert any("a_broken.nii.gz" in r.getMessage() for r in caplog.records)
+    assert items[0][0].shape == (2, 1, *IMG) and items[1][0].shape == (1, 1, *IMG)
+    images, mask, reports, study_ids = collate_studies(items[:3])
+    assert images.shape == (3, 2, 1, *IMG) and mask.tolist() == [[True, True], [True, False], [True, False]]
+    assert torch.all(images[1, 1] == 0) and reports[1] == "Normal head CT." and study_ids == ["s1", "s2", "s4"]
+    assert len(SiteDataset(site, DataConfig(max_scans=1), IMG)[0][0]) == 1
+
+
+def test_dataset_with_no_usable_study(site):
+    ds = SiteDataset(site, DataConfig(), IMG, split="test")
+    with pytest.raises(DataError, match="no usable study"):
+        ds[0]
+
+
+def test_cache_second_epoch_reads_from_cache_and_sees_changes(site, tmp_path, monkeypatch):
+    from hlip_fed.data import readers
+
+    calls = []
+    real = readers.read_scan
+    monkeypatch.setattr(readers, "read_scan", lambda p, **kw: calls.append(Path(p).name) or real(p, **kw))
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    ds = SiteDataset(site, cfg, IMG, split="val")
+    first = ds[0][0]
+    assert calls == ["t1c.nii.gz"] and ds.cache.misses == 1
+    second = SiteDataset(site, cfg, IMG, split="val")[0][0]  # a new epoch / process
+    assert calls == ["t1c.nii.gz"]  # nothing decoded
+    torch.testing.assert_close(first, second)
+
+    _mr(site / "val/v1/t1c.nii.gz", 99)  # the hospital replaces the file
+    changed = SiteDataset(site, cfg, IMG, split="val")[0][0]
+    assert calls == ["t1c.nii.gz", "t1c.nii.gz"] and not torch.equal(changed, first)
+
+    other = DataConfig(cache_dir=str(tmp_path / "cache"), ct_window=[-100.0, 100.0])
+    SiteDataset(site, other, IMG, split="val")[0]  # a changed preprocessing config misses too
+    assert len(calls) == 3
+    SiteDataset(site, DataConfig(cache_dir=str(tmp_path / "cache"), num_workers=2), IMG, split="val")[0]
+    assert len(calls) == 3  # settings that do not change the tensor keep the cache
+
+
+def test_cache_covers_dicom_series_and_sidecars(site, tmp_path):
+    from hlip_fed.data.cache import TensorCache
+
+    cache = TensorCache(tmp_path / "c", DataConfig(), IMG)
+    series = site / "train/s2/ct"
+    before = cache.source_digest(series)
+    assert cache.source_digest(series) == before
+    (series / "IM0003.dcm").write_bytes((series / "IM0003.dcm").read_bytes()[:-2] + b"\x01\x00")
+    assert cache.source_digest(series) != before
+    nifti = site / "train/s1/t1.nii.gz"
+    d1 = cache.source_digest(nifti)
+    (site / "train/s1/t1.json").write_text('{"modality": "CT"}')
+    assert cache.source_digest(nifti) != d1
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "c").rglob("*"))
