@@ -1,0 +1,194 @@
+"""Child processes started and stopped by PID, with their output in a log file.
+
+Every daemon is started in a new session, so its PID is also its process-group ID: stopping
+signals the whole group (the daemon and whatever it forked) without ever matching processes by
+name, which could hit another user's or another test's Flower. Flower detaches some helpers into
+sessions of their own (``flower-superexec``), so the daemon's descendants are also collected by
+PID from ``/proc`` before it is stopped, and any that outlive it are killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hlip_fed.errors import HlipError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (the OS picks it, so parallel runs don't clash)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse early if something already listens there: a probe would otherwise mistake that
+    process for ours, and our daemon would die on its bind error after we reported success."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons do
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise HlipError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class ManagedProcess:
+    """One daemon we started: its name, PID and log, and how to stop it."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+    # Descendants seen while it ran, as (PID, start time) so a reused PID is never signalled.
+    helpers: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def start(self, env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+            except OSError as exc:
+                raise HlipError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
+        return self
+
+    def remember_descendants(self) -> list[int]:
+        """Record the daemon's current descendants, so they can be stopped even if it crashes."""
+        if self.running():
+            for pid in _descendants(self.popen.pid):
+                ident = (pid, _start_time(pid))
+                if ident[1] and ident not in self.helpers:
+                    self.helpers.append(ident)
+        return self.helpers
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL it; safe to call twice or after a crash."""
+        if self.popen is None:
+            return None
+        pid = self.popen.pid
+        descendants = list(self.remember_descendants())
+        if self.popen.poll() is None:
+            _signal_group(pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(pid, signal.SIGKILL)
+                self.popen.wait(5)
+        # Children that outlived their parent are still in the group: stop them too.
+        _signal_group(pid, signal.SIGKILL)
+        _stop_pids(descendants)
+        return self.popen.returncode
+
+    def fail(self, reason: str) -> HlipError:
+        return HlipError(f"{self.name} {reason}; last log lines from {self.log_path}:\n"
+                         f"{log_tail(self.log_path)}")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of all descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of ``/proc/PID/stat`` after the command name (state first); empty if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""  # field 22 of stat: start time in clock ticks
+
+
+def _alive(ident: tuple[int, str]) -> bool:
+    """Still the same process (same start time) and not a zombie."""
+    fields = _stat_fields(ident[0])
+    return len(fields) > 19 and fields[19] == ident[1] and fields[0] != "Z"
+
+
+def _stop_pids(idents: list[tuple[int, str]], grace: float = 3.0) -> None:
+    """Give descendants that outlived their parent a moment to exit on their own, then kill them."""
+    deadline = time.monotonic() + grace
+    alive = list(idents)
+    while alive and time.monotonic() < deadline:
+        alive = [i for i in alive if _alive(i)]
+        if alive:
+            time.sleep(0.1)
+    for pid, _ in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout: float = 30.0) -> None:
+    """Wait until ``proc`` accepts TCP connections on ``host:port``; fail fast if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise proc.fail(f"exited with code {proc.popen.returncode if proc.popen else '?'} "
+                            "before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise proc.fail(f"did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+def stop_all(procs: Sequence[ManagedProcess]) -> None:
+    """Stop in reverse start order, so front ends go before the services they depend on."""
+    for proc in reversed(procs):
+        proc.stop()

@@ -1,0 +1,191 @@
+"""Launching the consortium's SuperLink with a closed control plane.
+
+Two processes, both started from here and stopped by PID:
+
+* ``flower-superlink`` on **loopback** (default ``127.0.0.1:9093``): Fleet, Control and Runtime
+  APIs (Flower 1.42 cannot separate them), TLS from the consortium PKI,
+  ``--enable-supernode-auth``, a persistent SQLite state, no runtime dependency installation;
+* the :mod:`fleet gateway <hlip_fed.deploy.fleet_gateway>` on the **site-facing** address
+  (default ``0.0.0.0:9092``), presenting the same certificate and relaying only Fleet routes.
+
+Sites are given ``HOST:9092``; the operator runs ``flwr`` on the SuperLink host against
+``127.0.0.1:9093`` (see :mod:`hlip_fed.deploy.flwr_cli`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hlip_fed.deploy.flower_env import flower_env
+from hlip_fed.deploy.processes import ManagedProcess, check_port_free, stop_all, wait_for_port
+from hlip_fed.errors import HlipError
+from hlip_fed.security.files import check_private_mode
+from hlip_fed.security.pki import (
+    PkiPaths,
+    days_left,
+    load_certificate,
+    subject_alt_names,
+    verify_issued_by,
+)
+
+FLEET_PORT = 9092
+CONTROL_PORT = 9093
+STATE_DB = "superlink.db"
+
+
+def flower_executable(name: str) -> str:
+    """Flower's console script from this interpreter's environment, else from ``PATH``."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise HlipError(f"{name} not found; install the project (it depends on flwr)")
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class SuperLinkConfig:
+    """Where the SuperLink listens, which certificates it uses and where it keeps state."""
+
+    certs: Path
+    state_dir: Path
+    fleet_host: str = "0.0.0.0"
+    fleet_port: int = FLEET_PORT
+    control_host: str = "127.0.0.1"
+    control_port: int = CONTROL_PORT
+    isolation: str = "subprocess"  # "process" when ServerApps are started separately
+
+    @property
+    def pki(self) -> PkiPaths:
+        return PkiPaths(Path(self.certs))
+
+    @property
+    def control_address(self) -> str:
+        """Where the operator's ``flwr`` and the gateway reach the SuperLink."""
+        return _address(self.control_host, self.control_port)
+
+    @property
+    def fleet_address(self) -> str:
+        return _address(self.fleet_host, self.fleet_port)
+
+    @property
+    def database(self) -> Path:
+        return Path(self.state_dir) / STATE_DB
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.state_dir) / "logs"
+
+    def validate(self) -> None:
+        """Refuse configurations that would open the control plane or fail at the first handshake."""
+        if not is_loopback(self.control_host):
+            raise HlipError(f"the Control API must stay on loopback, not {self.control_host}: "
+                            "Flower does not authenticate it")
+        if self.fleet_port == self.control_port:
+            raise HlipError(f"the fleet and control ports must differ (both {self.fleet_port})")
+        # The CA key is not needed here and should not be on the SuperLink host at all.
+        for path in (self.pki.ca_cert, self.pki.server_cert, self.pki.server_key):
+            if not path.is_file():
+                raise HlipError(f"{path} missing; create it with `hlip-fed certs init`")
+        check_private_mode(self.pki.server_key)
+        ca, cert = load_certificate(self.pki.ca_cert), load_certificate(self.pki.server_cert)
+        verify_issued_by(cert, ca)
+        for c, path in ((ca, self.pki.ca_cert), (cert, self.pki.server_cert)):
+            if days_left(c) < 0:
+                raise HlipError(f"{path} expired on {c.not_valid_after_utc:%Y-%m-%d}")
+        host = self.control_host.strip("[]")
+        if host not in subject_alt_names(cert):
+            raise HlipError(f"{self.pki.server_cert} does not name {host}; the gateway and the "
+                            "operator connect there (re-run certs init without --no-loopback)")
+
+
+def superlink_command(cfg: SuperLinkConfig) -> list[str]:
+    """``flower-superlink`` bound to loopback with TLS, node auth and persistent state."""
+    pki = cfg.pki
+    return [
+        flower_executable("flower-superlink"),
+        "--ssl-ca-certfile", str(pki.ca_cert),
+        "--ssl-certfile", str(pki.server_cert),
+        "--ssl-keyfile", str(pki.server_key),
+        "--enable-supernode-auth",
+        "--database", str(cfg.database),
+        "--isolation", cfg.isolation,
+        "--disable-runtime-dependency-installation",
+        "--host", cfg.control_host.strip("[]"),
+        "--port", str(cfg.control_port),
+    ]
+
+
+def gateway_command(cfg: SuperLinkConfig) -> list[str]:
+    """The fleet gateway, run by this interpreter so it uses the same installed packages."""
+    pki = cfg.pki
+    return [
+        sys.executable, "-m", "hlip_fed.deploy.fleet_gateway",
+        "--listen", cfg.fleet_address,
+        "--upstream", cfg.control_address,
+        "--certfile", str(pki.server_cert),
+        "--keyfile", str(pki.server_key),
+        "--ca-file", str(pki.ca_cert),
+    ]
+
+
+@dataclass
+class SuperLinkDeployment:
+    """The running SuperLink + gateway pair; a context manager that always stops both."""
+
+    cfg: SuperLinkConfig
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> SuperLinkDeployment:
+        cfg = self.cfg
+        cfg.validate()
+        check_port_free(cfg.control_host.strip("[]"), cfg.control_port)
+        check_port_free(cfg.fleet_host.strip("[]"), cfg.fleet_port)
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = flower_env(flwr_home=Path(cfg.state_dir) / "flwr-home")
+        try:
+            link = ManagedProcess("flower-superlink", superlink_command(cfg),
+                                  cfg.log_dir / "superlink.log")
+            self.processes.append(link.start(env))
+            wait_for_port(link, cfg.control_host.strip("[]"), cfg.control_port, timeout)
+            gateway = ManagedProcess("fleet gateway", gateway_command(cfg),
+                                     cfg.log_dir / "fleet-gateway.log")
+            self.processes.append(gateway.start(env))
+            dial = "127.0.0.1" if cfg.fleet_host in ("0.0.0.0", "") else (
+                "::1" if cfg.fleet_host == "::" else cfg.fleet_host.strip("[]"))
+            wait_for_port(gateway, dial, cfg.fleet_port, timeout)
+            link.remember_descendants()  # flower-superexec, which detaches into its own session
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        stop_all(self.processes)
+
+    def pids(self) -> dict[str, int | None]:
+        return {p.name: p.pid for p in self.processes}
+
+    def __enter__(self) -> SuperLinkDeployment:
+        return self.start() if not self.processes else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
