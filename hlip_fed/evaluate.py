@@ -1,0 +1,138 @@
+"""Evaluation of an HLIP model: zero-shot classification and image-report retrieval.
+
+Zero-shot follows the paper: for each finding a prompt pair ("no X" / "X") is embedded with the
+text tower; a study's probability of the finding is the softmax over the two prompt similarities.
+AUC and balanced accuracy (threshold 0.5) come from scikit-learn. Retrieval ranks every report for
+every study (and the reverse) by cosine similarity and reports recall at 1, 5 and 10.
+
+Metrics are flat ``name -> float`` dicts so they fit a Flower ``MetricRecord`` unchanged. A metric
+that cannot be computed on a split (a finding with no positives) is reported as 0 with a companion
+``<name>-count`` of 0, so every site sends the same finite keys and aggregation can weight by count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from hlip_fed.model import HLIP
+from hlip_fed.model.tokenizer import ReportTokenizer
+
+DEFAULT_TEMPLATE = "{}"
+
+
+@torch.no_grad()
+def embed_images(model: HLIP, loader: Iterable, device: str = "cpu") -> tuple[torch.Tensor, list[str], list[str]]:
+    """Normalised study embeddings ``[N, E]``, the study ids and reports, in loader order."""
+    model.eval()
+    feats, ids, reports = [], [], []
+    for images, scan_mask, batch_reports, batch_ids in loader:
+        feats.append(model.encode_image(images.to(device), scan_mask.to(device)).float().cpu())
+        ids.extend(batch_ids)
+        reports.extend(batch_reports)
+    if not feats:
+        return torch.zeros(0, model.cfg.embed_dim), [], []
+    return torch.cat(feats), ids, reports
+
+
+@torch.no_grad()
+def embed_texts(model: HLIP, tokenizer: ReportTokenizer, texts: list[str], batch_size: int = 64, device: str = "cpu"):
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i : i + batch_size])
+        out.append(model.encode_text(**{k: v.to(device) for k, v in tokens.items()}).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
+
+
+def zeroshot_probabilities(
+    model: HLIP, tokenizer: ReportTokenizer, image_emb: torch.Tensor,
+    prompts: dict[str, tuple[str, str]], template: str = DEFAULT_TEMPLATE,
+) -> dict[str, np.ndarray]:
+    """``finding -> P(finding)`` per study, from the ``(negative, positive)`` prompt pair."""
+    names = list(prompts)
+    texts = [template.format(p) for name in names for p in prompts[name]]
+    text_emb = embed_texts(model, tokenizer, texts).view(len(names), 2, -1)
+    scale = model.logit_scale.detach().exp().float()
+    out = {}
+    for i, name in enumerate(names):
+        logits = scale * image_emb @ text_emb[i].T  # [N, 2]
+        out[name] = logits.softmax(-1)[:, 1].numpy()
+    return out
+
+
+def zeroshot_metrics(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    aucs, baccs = [], []
+    for name, p in probs.items():
+        y = np.asarray(labels[name]).astype(int)
+        npos = int(y.sum())
+        both = 0 < npos < len(y)
+        auc = float(roc_auc_score(y, p)) if both else 0.0
+        bacc = float(balanced_accuracy_score(y, p > 0.5)) if both else 0.0
+        metrics[f"auc-{name}"], metrics[f"auc-{name}-count"] = auc, float(len(y) if both else 0)
+        metrics[f"bacc-{name}"], metrics[f"bacc-{name}-count"] = bacc, float(len(y) if both else 0)
+        metrics[f"npos-{name}"] = float(npos)
+        if both:
+            aucs.append(auc)
+            baccs.append(bacc)
+    metrics["auc-mean"], metrics["auc-mean-count"] = (float(np.mean(aucs)), float(len(aucs))) if aucs else (0.0, 0.0)
+    metrics["bacc-mean"], metrics["bacc-mean-count"] = (float(np.mean(baccs)), float(len(baccs))) if baccs else (0.0, 0.0)
+    return metrics
+
+
+def recall_at_k(sim: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
+    """Fraction of rows whose own column (the diagonal) ranks within the top ``k``."""
+    n = sim.shape[0]
+    if n == 0:
+        return {k: 0.0 for k in ks}
+    own = sim.diagonal()[:, None]
+    rank = (sim > own).sum(1)  # how many candidates beat the true match
+    return {k: float((rank < k).float().mean()) for k in ks}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    sim = image_emb @ text_emb.T
+    i2t, t2i = recall_at_k(sim, ks), recall_at_k(sim.T, ks)
+    out = {}
+    for k in ks:
+        out[f"i2t-r{k}"], out[f"t2i-r{k}"] = i2t[k], t2i[k]
+        out[f"r{k}"] = 0.5 * (i2t[k] + t2i[k])
+    return out
+
+
+def evaluate(
+    model: HLIP, tokenizer: ReportTokenizer, loader: Iterable,
+    labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[str, str]] | None,
+    template: str = DEFAULT_TEMPLATE, device: str = "cpu",
+) -> dict[str, float]:
+    """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
+    labels are left out of zero-shot); ``prompts`` maps finding -> (negative, positive)."""
+    image_emb, ids, reports = embed_images(model, loader, device)
+    metrics = {"num-examples": float(len(ids))}
+    metrics.update(retrieval_metrics(image_emb, embed_texts(model, tokenizer, reports, device=device)))
+    if prompts:
+        keep = [i for i, sid in enumerate(ids) if labels and sid in labels]
+        probs = zeroshot_probabilities(model, tokenizer, image_emb[keep], prompts, template)
+        y = {f: np.array([labels[ids[i]][f] for i in keep]) for f in prompts}
+        metrics.update(zeroshot_metrics(probs, y))
+    return {k: (v if math.isfinite(v) else 0.0) for k, v in metrics.items()}
+
+
+def aggregate_site_metrics(per_site: list[dict[str, float]], weight_key: str = "num-examples") -> dict[str, float]:
+    """Average site metrics: ``X`` weighted by ``X-count`` when present, else by ``weight_key``."""
+    if not per_site:
+        return {}
+    out: dict[str, float] = {}
+    for key in per_site[0]:
+        if key == weight_key or key.endswith("-count") or key.startswith("npos-"):
+            out[key] = float(sum(m[key] for m in per_site))
+            continue
+        weights = [m.get(f"{key}-count", m[weight_key]) for m in per_site]
+        total = sum(weights)
+        out[key] = float(sum(w * m[key] for w, m in zip(weights, per_site)) / total) if total else 0.0
+    return out

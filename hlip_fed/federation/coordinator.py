@@ -1,0 +1,103 @@
+"""The aggregation server's bookkeeping, independent of Flower's runtime.
+
+:class:`Coordinator` owns the global model of a run: it supplies the initial arrays (fresh, or the
+last checkpoint when the output folder already holds a run with the same config), evaluates the
+global model on the held-out set, and after every round writes the checkpoint, one line of
+``metrics.jsonl`` and the curve plot. At the end it saves the final model with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hlip_fed.config import Config, config_hash
+from hlip_fed.errors import HlipError
+from hlip_fed.evaluate import evaluate
+from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
+from hlip_fed.federation.run import read_labels, read_prompts
+from hlip_fed.model import create_model, create_tokenizer
+
+log = logging.getLogger("hlip_fed.federation")
+
+
+def resume_hash(cfg: Config) -> str:
+    """Config digest that must match to resume; more rounds may be asked for on resume."""
+    fed = dataclasses.replace(cfg.federation, rounds=0, round_timeout_s=0.0)
+    return config_hash(dataclasses.replace(cfg, federation=fed))
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, run_dir: Path, data_root: str | Path | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.data_root = Path(data_root) if data_root else None
+        self.model = create_model(cfg.model, seed=cfg.train.seed)
+        self.tokenizer = create_tokenizer(cfg.model)
+        self.keys = federated_keys(self.model, cfg.federation.groups)
+        self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k in self.keys}
+        self.prompts = read_prompts(self.data_root)
+        self.resumed = load_latest(self.ckpt_dir)
+        if self.resumed is not None:
+            theirs = self.resumed.state.get("config_hash")
+            if theirs != resume_hash(cfg):
+                raise HlipError(
+                    f"{self.run_dir}: holds a run with another configuration (hash {theirs}); "
+                    "use a new run-dir or the same config to resume"
+                )
+            log.info("resuming %s after round %d", self.run_dir, self.resumed.round)
+        self._heldout = None
+
+    @property
+    def offset(self) -> int:
+        """Rounds already completed in this output folder."""
+        return self.resumed.round if self.resumed else 0
+
+    def initial_arrays(self) -> dict[str, torch.Tensor]:
+        if self.resumed:
+            return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.resumed.arrays.items()}
+        return get_arrays(self.model, self.keys)
+
+    def strategy_state(self) -> dict[str, np.ndarray]:
+        return dict(self.resumed.strategy_state) if self.resumed else {}
+
+    def evaluate_global(self, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics of the global model on the consortium's held-out set (empty without one)."""
+        heldout = self.data_root / "heldout" if self.data_root else None
+        if heldout is None or not heldout.is_dir():
+            return {}
+        if self._heldout is None:
+            from hlip_fed.data.dataset import SiteDataset, collate_studies
+
+            dataset = SiteDataset(heldout, self.cfg.data, self.cfg.model.vision.img_size, split=None)
+            self._heldout = (
+                DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=collate_studies),
+                read_labels(self.data_root / "truth" / "heldout.jsonl"),
+            )
+        loader, labels = self._heldout
+        set_arrays(self.model, arrays)
+        return evaluate(self.model, self.tokenizer, loader, labels, self.prompts, device=self.cfg.train.device)
+
+    def end_round(
+        self, server_round: int, arrays: dict[str, torch.Tensor], record: dict, strategy_state: dict[str, np.ndarray]
+    ) -> None:
+        """Checkpoint and log a completed round (``record``: metrics of the round)."""
+        state = {"config_hash": resume_hash(self.cfg), "time": time.time(), **record}
+        save_checkpoint(
+            self.ckpt_dir,
+            Checkpoint(server_round, {k: v.numpy() for k, v in arrays.items()}, strategy_state, state),
+        )
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"round": server_round, **record}, sort_keys=True) + "\n")
+
+    def finish(self, arrays: dict[str, torch.Tensor]) -> Path:
+        set_arrays(self.model, arrays)
+        return self.model.save_pretrained(self.run_dir / "model")

@@ -1,0 +1,113 @@
+"""One hospital's side of a federated round, independent of Flower's runtime.
+
+:class:`LocalSite` holds what a site needs across rounds: its local HLIP copy, the tokenizer, its
+training and test loaders, its labels. Building these costs seconds (the text encoder, the dataset
+index), so :func:`local_site` keeps one per process keyed by run and site: in simulation, and in a
+SuperNode that keeps its ClientApp process, later rounds reuse them. What must survive a fresh
+process (the optimiser moments) is written to the site's state folder after every round and read
+back from the previous round's file only, so a repeated round starts from the same state.
+
+Only the federated arrays and scalar metrics leave :meth:`LocalSite.train_round` and
+:meth:`LocalSite.evaluate`; no voxel, report text or study id does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from hlip_fed.config import Config
+from hlip_fed.data.dataset import SiteDataset, collate_studies
+from hlip_fed.evaluate import evaluate
+from hlip_fed.federation.params import count_bytes, federated_keys, get_arrays, set_arrays
+from hlip_fed.federation.run import Site, read_labels
+from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.train import cycle, make_optimizer, train_steps
+
+log = logging.getLogger("hlip_fed.federation")
+
+
+def round_seed(seed: int, server_round: int, site: str) -> int:
+    """A seed that differs per round and site but is the same when a round is repeated."""
+    return (seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site.encode())) % (2**31)
+
+
+class LocalSite:
+    def __init__(self, cfg: Config, site: Site):
+        self.cfg, self.site = cfg, site
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.data.cache_dir is None:  # preprocessed tensors live with the site's state, not its data
+            cfg.data.cache_dir = str(site.state_dir / "cache")
+        self.model = create_model(cfg.model, seed=cfg.train.seed)
+        self.tokenizer = create_tokenizer(cfg.model)
+        self.keys = federated_keys(self.model, cfg.federation.groups)
+        img = cfg.model.vision.img_size
+        self.train_set = SiteDataset(site.data_dir, cfg.data, img, split="train")
+        self.test_set = SiteDataset(site.data_dir, cfg.data, img, split="test")
+        self.labels = read_labels(site.truth_path)
+
+    def _optimizer_file(self, server_round: int) -> Path:
+        return self.site.state_dir / f"optimizer-round-{server_round:04d}.pt"
+
+    def train_round(
+        self, global_arrays: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        cfg, fed = self.cfg, self.cfg.federation
+        if len(self.train_set) == 0:
+            raise RuntimeError(f"site {self.site.name}: no usable training studies in {self.site.data_dir}")
+        set_arrays(self.model, global_arrays)
+        seed = round_seed(cfg.train.seed, server_round, self.site.name)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(
+            self.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
+            collate_fn=collate_studies, num_workers=cfg.data.num_workers, drop_last=len(self.train_set) > cfg.train.batch_size,
+        )
+        optimizer = make_optimizer(self.model, cfg.train)
+        previous = self._optimizer_file(server_round - 1)
+        if previous.exists():
+            optimizer.load_state_dict(torch.load(previous, weights_only=True))
+        anchor = {k: v.detach().clone() for k, v in global_arrays.items()} if proximal_mu > 0 else None
+        t0 = time.perf_counter()
+        stats = train_steps(
+            self.model, self.tokenizer, cycle(loader, seed), cfg.train, fed.local_steps,
+            optimizer=optimizer, start_step=(server_round - 1) * fed.local_steps,
+            total_steps=fed.rounds * fed.local_steps, proximal_mu=proximal_mu, anchor=anchor,
+        )
+        torch.save(optimizer.state_dict(), self._optimizer_file(server_round))
+        for old in self.site.state_dir.glob("optimizer-round-*.pt"):
+            if old.name < self._optimizer_file(server_round - 1).name:
+                old.unlink()
+        arrays = get_arrays(self.model, self.keys)
+        metrics = {
+            "num-examples": float(stats.examples),
+            "train-loss": float(stats.loss),
+            "train-seconds": float(time.perf_counter() - t0),
+            "train-steps": float(stats.steps),
+            "bytes-sent": float(count_bytes(arrays)),
+        }
+        log.info("site %s round %d: loss %.4f, %d examples, %.1f s", self.site.name, server_round,
+                 stats.loss, stats.examples, metrics["train-seconds"])
+        return arrays, metrics
+
+    def evaluate(self, global_arrays: dict[str, torch.Tensor], prompts: dict[str, tuple[str, str]]) -> dict[str, float]:
+        set_arrays(self.model, global_arrays)
+        loader = DataLoader(self.test_set, batch_size=self.cfg.train.batch_size, collate_fn=collate_studies)
+        return evaluate(self.model, self.tokenizer, loader, self.labels, prompts, device=self.cfg.train.device)
+
+
+_SITES: dict[tuple, LocalSite] = {}
+
+
+def local_site(run_id: int, cfg: Config, site: Site) -> LocalSite:
+    """The process-wide :class:`LocalSite` of this run and site, built on first use."""
+    key = (run_id, site.name, str(site.data_dir))
+    if key not in _SITES:
+        _SITES.clear()  # one run at a time per process: free the previous run's model
+        _SITES[key] = LocalSite(cfg, site)
+    return _SITES[key]

@@ -1,0 +1,60 @@
+"""Parameter groups: the named slices of HLIP's state dict that a federation averages.
+
+The default federates the hierarchical vision encoder (patch embedding, CLS token, blocks, norm,
+vision projection), the text projection and the temperature (plus SigLIP's bias). The text encoder
+is federated only when it is trained (``text.lock=false``) and asked for: a locked encoder is the
+same pretrained file at every site and never travels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from hlip_fed.errors import HlipError
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "vision": ("visual.",),
+    "text_proj": ("text.proj.",),
+    "logit": ("logit_scale", "logit_bias"),
+    "text_encoder": ("text.encoder.",),
+}
+
+
+def federated_keys(model: nn.Module, groups: list[str]) -> list[str]:
+    """State-dict keys of ``groups`` in ``model``, in state-dict order."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise HlipError(f"federation.groups: unknown group {unknown[0]!r} (known: {', '.join(GROUPS)})")
+    if "text_encoder" in groups and getattr(model, "cfg", None) is not None and model.cfg.text.lock:
+        raise HlipError("federation.groups: text_encoder is locked (model.text.lock=true) and is never sent")
+    prefixes = tuple(p for g in groups for p in GROUPS[g])
+    keys = [k for k in model.state_dict() if k.startswith(prefixes)]
+    if not keys:
+        raise HlipError(f"federation.groups {groups} select no weights of the model")
+    return keys
+
+
+def get_arrays(model: nn.Module, keys: list[str]) -> "OrderedDict[str, torch.Tensor]":
+    """Detached fp32 copies of the federated tensors (what a site sends)."""
+    state = model.state_dict()
+    return OrderedDict((k, state[k].detach().to("cpu", torch.float32).clone()) for k in keys)
+
+
+def set_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
+    """Load global tensors into the local copy; every key must exist with the same shape."""
+    state = model.state_dict()
+    for k, v in arrays.items():
+        if k not in state:
+            raise HlipError(f"global weights hold {k!r}, which this model does not have")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise HlipError(f"global weight {k!r} has shape {tuple(v.shape)}, model expects {tuple(state[k].shape)}")
+    with torch.no_grad():
+        for k, v in arrays.items():
+            state[k].copy_(torch.as_tensor(v, dtype=state[k].dtype))
+
+
+def count_bytes(arrays: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in arrays.values())

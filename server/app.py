@@ -1,0 +1,60 @@
+"""hlip-fed ServerApp: federated averaging of HLIP's hierarchical encoder across hospitals.
+
+Reads the run config, resumes from the run folder's last checkpoint if there is one, runs the
+configured strategy for the remaining rounds, and after every round evaluates the global model on
+the held-out set and checkpoints it (see :mod:`hlip_fed.federation.coordinator`).
+"""
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from hlip_fed.federation.coordinator import Coordinator
+from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
+from hlip_fed.report import plot_run
+from server.strategy import build_strategy
+
+app = ServerApp()
+log = logging.getLogger("hlip_fed.server")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    cfg = config_from_run(run_config)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = run_dir(run_config)
+    out.mkdir(parents=True, exist_ok=True)
+    coord = Coordinator(cfg, out, run_config.get("data-root"))
+    remaining = cfg.federation.rounds - coord.offset
+    if remaining <= 0:
+        log.warning("%s already holds %d completed rounds; nothing to do", out, coord.offset)
+        return
+    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state())
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and coord.offset:
+            return None  # the resumed model was evaluated when its round ended
+        tensors = arrays.to_torch_state_dict()
+        metrics = coord.evaluate_global(tensors)
+        if server_round > 0:
+            record = dict(strategy.round_record, heldout=metrics)
+            coord.end_round(server_round + coord.offset, tensors, record, strategy.state_arrays())
+            plot_run(out)
+        return MetricRecord(metrics) if metrics else None
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(coord.initial_arrays()),
+        num_rounds=remaining,
+        timeout=cfg.federation.round_timeout_s,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord(prompts_to_config(coord.prompts)),
+        evaluate_fn=after_round,
+    )
+    final = result.arrays if result.arrays is not None and len(result.arrays) else ArrayRecord(coord.initial_arrays())
+    path = coord.finish(final.to_torch_state_dict())
+    log.info("final global model saved to %s", path)

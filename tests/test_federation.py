@@ -1,0 +1,162 @@
+"""Federation through the real ClientApp and ServerApp code, driven in-process."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from conftest import FAST_RUN
+from hlip_fed.federation.checkpoint import load_latest
+from hlip_fed.federation.local import _SITES
+from hlip_fed.federation.params import federated_keys
+from hlip_fed.federation.run import config_from_run
+from hlip_fed.model import create_model
+from inprocess_grid import InProcessGrid, ServerCrash
+
+
+def run_config(consortium, out, *extra):
+    cfg = {"data-root": str(consortium), "run-dir": str(out), "preset": "tiny"}
+    for item in FAST_RUN + list(extra):
+        k, v = item.split("=", 1)
+        cfg[k] = v
+    return cfg
+
+
+def server_context(rc, run_id=1):
+    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
+
+
+def train_message(arrays, server_round=1, node=1000):
+    from flwr.app import ConfigRecord
+
+    return Message(metadata=Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=600.0, message_type="train",
+    ), content=RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord({"server-round": server_round})}))
+
+
+def test_clientapp_replies_with_exactly_the_federated_arrays_and_scalar_metrics(mini_consortium, tmp_path):
+    from client.app import app as client_app
+
+    rc = run_config(mini_consortium, tmp_path)
+    cfg = config_from_run(rc)
+    model = create_model(cfg.model, seed=0)
+    keys = federated_keys(model, cfg.federation.groups)
+    arrays = {k: v for k, v in model.state_dict().items() if k in keys}
+    context = Context(run_id=7, node_id=1000, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=rc)
+    reply = client_app(train_message(arrays), context)
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert list(content.array_records) == ["arrays"] and list(content.metric_records) == ["metrics"]
+    assert not content.config_records  # no strings travel
+    sent = content["arrays"]
+    assert list(sent.keys()) == keys and not any(k.startswith("text.encoder") for k in sent.keys())
+    for k in keys:
+        assert sent[k].numpy().dtype == np.float32 and sent[k].shape == tuple(arrays[k].shape)
+    metrics = content["metrics"]
+    assert metrics["num-examples"] == 2 * 2  # 2 local steps x batch of 2
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+    assert set(metrics) == {"num-examples", "train-loss", "train-seconds", "train-steps", "bytes-sent"}
+
+
+def _reply(node, arrays, n):
+    msg = Message(metadata=Metadata(
+        run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+        group_id="1", created_at=0.0, ttl=600.0, message_type="train",
+    ), content=RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})}))
+    return msg
+
+
+def _strategy(name="fedavg"):
+    from hlip_fed.config import FederationConfig
+    from server.strategy import build_strategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    expected = {"w": (2, 2), "b": (2,)}
+    return build_strategy(FederationConfig(strategy=name, min_nodes=2), expected, offset=0)
+
+
+def test_fedavg_of_two_sites_is_the_example_weighted_mean():
+    s = _strategy()
+    a = {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    b = {"w": np.full((2, 2), 4.0, np.float32), "b": np.ones(2, np.float32)}
+    arrays, _ = s.aggregate_train(1, [_reply(1, a, 10), _reply(2, b, 30)])
+    out = {k: v.numpy() for k, v in arrays.items()}
+    np.testing.assert_allclose(out["w"], 0.25 * 1 + 0.75 * 4.0)
+    np.testing.assert_allclose(out["b"], 0.75)
+    assert out["w"].dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", ["missing", "nan", "shape", "extra"])
+def test_a_bad_reply_is_dropped_and_the_round_goes_on(bad):
+    s = _strategy()
+    good = {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    other = {"w": np.full((2, 2), 3.0, np.float32), "b": np.ones(2, np.float32)}
+    broken = {k: v.copy() for k, v in good.items()}
+    if bad == "missing":
+        del broken["b"]
+    elif bad == "nan":
+        broken["w"][0, 0] = np.nan
+    elif bad == "shape":
+        broken["b"] = np.zeros(3, np.float32)
+    else:
+        broken["zzz"] = np.zeros(1, np.float32)
+    arrays, _ = s.aggregate_train(1, [_reply(1, good, 10), _reply(2, other, 10), _reply(3, broken, 10)])
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
+    assert [r["node"] for r in s.round_record["rejected"]] == [3]
+
+
+def _final_weights(run_dir):
+    ckpt = load_latest(run_dir / "checkpoints")
+    return ckpt.round, ckpt.arrays
+
+
+def test_fedadam_interrupted_and_resumed_equals_an_uninterrupted_run(mini_consortium, tmp_path):
+    from server.app import main as server_main
+
+    extra = ["federation.strategy=fedadam", "federation.rounds=3", "federation.server_lr=0.01"]
+    rc_full = run_config(mini_consortium, tmp_path / "full", *extra)
+    server_main(InProcessGrid(rc_full, run_id=11), server_context(rc_full, 11))
+
+    rc = run_config(mini_consortium, tmp_path / "resumed", *extra)
+    with pytest.raises(ServerCrash):
+        server_main(InProcessGrid(rc, run_id=12, fail_at_round=3), server_context(rc, 12))
+    assert load_latest(tmp_path / "resumed" / "checkpoints").round == 2
+    _SITES.clear()  # a restarted server and fresh site processes
+    grid = InProcessGrid(rc, run_id=13)
+    server_main(grid, server_context(rc, 13))
+    assert {r for _, r, _ in grid.sent} == {3}  # only the missing round ran again
+
+    r_full, full = _final_weights(tmp_path / "full")
+    r_res, resumed = _final_weights(tmp_path / "resumed")
+    assert r_full == r_res == 3
+    for k in full:
+        np.testing.assert_allclose(resumed[k], full[k], atol=1e-6, rtol=0, err_msg=k)
+    state = load_latest(tmp_path / "resumed" / "checkpoints")
+    assert any(k.startswith("m_t/") for k in state.strategy_state)  # FedAdam's moments were kept
+    assert (tmp_path / "resumed" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "resumed" / "curves.png").exists()
+
+
+def test_server_survives_a_site_sending_nan(mini_consortium, tmp_path):
+    from server.app import main as server_main
+
+    def poison(node, kind, reply):
+        if kind == "train" and node == 1001:
+            arrays = reply.content["arrays"]
+            key = next(iter(arrays.keys()))
+            bad = arrays[key].numpy().copy()
+            bad.flat[0] = np.nan
+            arrays[key] = ArrayRecord({key: torch.from_numpy(bad)})[key]
+        return reply
+
+    rc = run_config(mini_consortium, tmp_path, "federation.rounds=1")
+    server_main(InProcessGrid(rc, run_id=21, tamper=poison), server_context(rc, 21))
+    import json
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert [r["node"] for r in record["rejected"]] == [1001]
+    assert len(record["train_sites"]) == 2
+    assert "auc-mean" in record["heldout"] and "r5" in record["heldout"]
