@@ -1,5 +1,7 @@
 """Federation through the real ClientApp and ServerApp code, driven in-process."""
 
+import shlex
+
 import numpy as np
 import pytest
 import torch
@@ -16,11 +18,8 @@ from inprocess_grid import InProcessGrid, ServerCrash
 
 
 def run_config(consortium, out, *extra):
-    cfg = {"data-root": str(consortium), "run-dir": str(out), "preset": "tiny"}
-    for item in FAST_RUN + list(extra):
-        k, v = item.split("=", 1)
-        cfg[k] = v
-    return cfg
+    overrides = " ".join(shlex.quote(o) for o in FAST_RUN + list(extra))
+    return {"data-root": str(consortium), "run-dir": str(out), "config": "", "overrides": overrides}
 
 
 def server_context(rc, run_id=1):

@@ -1,12 +1,11 @@
 """What a federated run needs to know, read from Flower's run config and node config.
 
-The run config (``[tool.flwr.app.config]`` in pyproject, or ``flwr run --run-config``) holds two
-kinds of keys: dotted keys such as ``federation.rounds`` or ``train.lr`` are overrides of the typed
-:class:`~hlip_fed.config.Config` and go straight to it; the few plain keys below say where things are.
+The run config (``[tool.flwr.app.config]`` in pyproject, or ``flwr run --run-config``) only points
+at the typed :class:`~hlip_fed.config.Config` and says where things are:
 
 =============  ==================================================================================
-``preset``     model preset (``tiny``)
-``config``     an extra YAML file or bundled run preset (optional)
+``config``     a bundled run preset (``demo``) or a YAML file
+``overrides``  space-separated dotted overrides, e.g. ``federation.rounds=5 train.lr=1e-4``
 ``data-root``  the consortium folder (simulation: site ``i`` is the ``i``-th folder of
                ``sites/``; the server evaluates on ``heldout/``)
 ``run-dir``    where checkpoints, metrics, plots and the final model go
@@ -21,19 +20,16 @@ the run folder, never inside the data folder).
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from hlip_fed.config import Config, load_config
 from hlip_fed.errors import HlipError
 
-PLAIN_KEYS = ("preset", "config", "data-root", "run-dir")
-
-
 def config_from_run(run_config: dict) -> Config:
-    overrides = [f"{k}={v}" for k, v in run_config.items() if "." in k]
     files = [run_config["config"]] if run_config.get("config") else []
-    return load_config(run_config.get("preset") or None, files=files, overrides=overrides)
+    return load_config(files=files, overrides=shlex.split(str(run_config.get("overrides") or "")))
 
 
 def run_dir(run_config: dict) -> Path:

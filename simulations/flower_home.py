@@ -1,0 +1,68 @@
+"""A project-local Flower home for ``flwr run . local-simulation``.
+
+A fresh Flower home defines only the ``local`` connection, and ``flwr run`` reads connections from
+``$FLWR_HOME/config.toml``. This writes one whose ``local-simulation`` connection runs one
+simulated SuperNode per site of a consortium, each with one CPU.
+
+    python -m simulations.flower_home --home .flwr --data data/demo
+    FLWR_HOME=.flwr flwr run . local-simulation --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from hlip_fed.federation.run import consortium_sites
+
+CONFIG = """[superlink]
+default = "local-simulation"
+
+[superlink.local]
+address = ":local:"
+
+[superlink.local-simulation]
+address = ":local:"
+options.num-supernodes = {sites}
+options.backend.client-resources.num-cpus = 1
+"""
+
+# What every `flwr` call of this project runs with: no telemetry, no update check, no installs.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def write_flower_home(home: str | Path, sites: int) -> Path:
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(CONFIG.format(sites=sites))
+    return path
+
+
+def flower_env(home: str | Path) -> dict[str, str]:
+    """The environment for a ``flwr`` process: this Flower home and the privacy switches."""
+    import sys
+
+    env = dict(os.environ, FLWR_HOME=str(Path(home).resolve()), **FLOWER_ENV)
+    bin_dir = str(Path(sys.executable).parent)  # flower-superlink lives beside this interpreter
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", default=".flwr")
+    parser.add_argument("--data", required=True, help="consortium folder (one SuperNode per site)")
+    args = parser.parse_args()
+    path = write_flower_home(args.home, len(consortium_sites(args.data)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
