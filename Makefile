@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	HLIP_FED_THREADS=$${HLIP_FED_THREADS:-2} $(PY) -m hlip_fed.demo
+	$(PY) -m simulations.demo --data data/demo --run-dir runs/demo --flower-home .flwr
 
 test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .flwr runs

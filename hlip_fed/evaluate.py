@@ -51,16 +51,18 @@ def embed_texts(model: HLIP, tokenizer: ReportTokenizer, texts: list[str], batch
 
 def zeroshot_probabilities(
     model: HLIP, tokenizer: ReportTokenizer, image_emb: torch.Tensor,
-    prompts: dict[str, tuple[str, str]], template: str = DEFAULT_TEMPLATE,
+    prompts: dict[str, tuple[list[str], list[str]]], template: str = DEFAULT_TEMPLATE,
 ) -> dict[str, np.ndarray]:
-    """``finding -> P(finding)`` per study, from the ``(negative, positive)`` prompt pair."""
-    names = list(prompts)
-    texts = [template.format(p) for name in names for p in prompts[name]]
-    text_emb = embed_texts(model, tokenizer, texts).view(len(names), 2, -1)
+    """``finding -> P(finding)`` per study from its ``(negatives, positives)`` prompts; several
+    phrasings of one class are ensembled by averaging their normalised embeddings (as CLIP does)."""
     scale = model.logit_scale.detach().exp().float()
     out = {}
-    for i, name in enumerate(names):
-        logits = scale * image_emb @ text_emb[i].T  # [N, 2]
+    for name, classes in prompts.items():
+        centroids = []
+        for phrasings in classes:
+            emb = embed_texts(model, tokenizer, [template.format(p) for p in phrasings]).mean(0)
+            centroids.append(torch.nn.functional.normalize(emb, dim=-1))
+        logits = scale * image_emb @ torch.stack(centroids).T  # [N, 2]
         out[name] = logits.softmax(-1)[:, 1].numpy()
     return out
 
@@ -107,7 +109,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5,
 
 def evaluate(
     model: HLIP, tokenizer: ReportTokenizer, loader: Iterable,
-    labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[str, str]] | None,
+    labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
     template: str = DEFAULT_TEMPLATE, device: str = "cpu",
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without

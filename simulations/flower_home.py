@@ -55,6 +55,16 @@ def flower_env(home: str | Path) -> dict[str, str]:
     return env
 
 
+def local_superlink_pids(home: str | Path) -> list[int]:
+    """PIDs of the detached local SuperLink that ``flwr run`` started for this Flower home
+    (its database lives under ``<home>/local-superlink``); no command of Flower's stops it."""
+    import subprocess
+
+    pattern = str(Path(home).resolve() / "local-superlink")
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", default=".flwr")

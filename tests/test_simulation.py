@@ -14,15 +14,9 @@ import pytest
 
 from conftest import FAST_RUN
 from hlip_fed.federation.checkpoint import load_latest
-from simulations.flower_home import flower_env, write_flower_home
+from simulations.flower_home import flower_env, local_superlink_pids, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def superlink_pids(home: Path) -> list[int]:
-    """The detached local SuperLink (and its helpers) started for this Flower home."""
-    out = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
 def test_three_sites_two_rounds_through_flower(mini_consortium, tmp_path):
@@ -34,7 +28,7 @@ def test_three_sites_two_rounds_through_flower(mini_consortium, tmp_path):
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=flower_env(home), capture_output=True, text=True, timeout=420)
     finally:
-        for pid in superlink_pids(home):
+        for pid in local_superlink_pids(home):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -48,4 +42,4 @@ def test_three_sites_two_rounds_through_flower(mini_consortium, tmp_path):
     assert load_latest(run / "checkpoints").round == 2
     assert (run / "model" / "model.safetensors").exists() and (run / "curves.png").exists()
     time.sleep(0.5)
-    assert not superlink_pids(home)
+    assert not local_superlink_pids(home)

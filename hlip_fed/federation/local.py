@@ -95,7 +95,7 @@ class LocalSite:
                  stats.loss, stats.examples, metrics["train-seconds"])
         return arrays, metrics
 
-    def evaluate(self, global_arrays: dict[str, torch.Tensor], prompts: dict[str, tuple[str, str]]) -> dict[str, float]:
+    def evaluate(self, global_arrays: dict[str, torch.Tensor], prompts: dict[str, tuple[list[str], list[str]]]) -> dict[str, float]:
         set_arrays(self.model, global_arrays)
         loader = DataLoader(self.test_set, batch_size=self.cfg.train.batch_size, collate_fn=collate_studies)
         return evaluate(self.model, self.tokenizer, loader, self.labels, prompts, device=self.cfg.train.device)

@@ -87,8 +87,12 @@ def read_labels(path: Path | None) -> dict[str, dict[str, int]]:
         raise HlipError(f"{path}: cannot read labels: {exc}") from None
 
 
-def read_prompts(data_root: str | Path | None) -> dict[str, tuple[str, str]]:
-    """Zero-shot prompt pairs ``finding -> (negative, positive)`` from ``<data-root>/prompts.json``."""
+def read_prompts(data_root: str | Path | None) -> dict[str, tuple[list[str], list[str]]]:
+    """Zero-shot prompts ``finding -> (negatives, positives)`` from ``<data-root>/prompts.json``.
+
+    Accepts ``{"prompts": {finding: {"negative": [...], "positive": [...]}}}`` (several phrasings
+    per class, ensembled) or ``{finding: [negative, positive]}``.
+    """
     if not data_root:
         return {}
     path = Path(data_root) / "prompts.json"
@@ -97,22 +101,30 @@ def read_prompts(data_root: str | Path | None) -> dict[str, tuple[str, str]]:
     try:
         raw = json.loads(path.read_text())
         raw = raw.get("prompts", raw)
-        return {str(k): (str(v[0]), str(v[1])) for k, v in raw.items()}
+        out = {}
+        for finding, v in raw.items():
+            neg, pos = (v["negative"], v["positive"]) if isinstance(v, dict) else (v[0], v[1])
+            as_list = lambda x: [str(t) for t in x] if isinstance(x, list) else [str(x)]  # noqa: E731
+            out[str(finding)] = (as_list(neg), as_list(pos))
+        return out
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise HlipError(f"{path}: cannot read prompts: {exc}") from None
 
 
-def prompts_to_config(prompts: dict[str, tuple[str, str]]) -> dict[str, str]:
-    """Prompt pairs as flat ConfigRecord entries, so sites need no prompt file of their own."""
+def prompts_to_config(prompts: dict[str, tuple[list[str], list[str]]]) -> dict[str, list[str]]:
+    """Prompts as flat ConfigRecord entries, so sites need no prompt file of their own."""
     out = {}
     for finding, (neg, pos) in prompts.items():
-        out[f"prompt-neg-{finding}"], out[f"prompt-pos-{finding}"] = neg, pos
+        out[f"prompt-neg-{finding}"], out[f"prompt-pos-{finding}"] = list(neg), list(pos)
     return out
 
 
-def prompts_from_config(config: dict) -> dict[str, tuple[str, str]]:
+def prompts_from_config(config: dict) -> dict[str, tuple[list[str], list[str]]]:
+    def texts(value) -> list[str]:
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
     return {
-        key[len("prompt-neg-"):]: (str(config[key]), str(config["prompt-pos-" + key[len("prompt-neg-"):]]))
+        key[len("prompt-neg-"):]: (texts(config[key]), texts(config["prompt-pos-" + key[len("prompt-neg-"):]]))
         for key in config
         if key.startswith("prompt-neg-")
     }
