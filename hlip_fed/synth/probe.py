@@ -2,12 +2,15 @@
 
 The benchmark must be neither trivial nor hopeless. This probe reads every study the way training
 does (reader, then preprocessing to the tiny model's input size), reduces each contrast to a few
-generic image statistics (an intensity histogram of the central head region, a left-right
-asymmetry histogram and coarse block means), and fits one logistic regression per finding. It is
-deliberately weak and generic: it knows nothing about where or how the generator draws lesions.
+generic image statistics (an intensity histogram of the central head region, quantiles of
+small-block means and of their left-right differences), and fits one logistic regression per
+finding. It is deliberately weak and generic: it knows nothing about where or how the generator
+draws lesions.
 
-``pooled``: trained on the training studies of every site together; ``local``: trained on one
-site's training studies only. Both are scored (ROC AUC) on the held-out public set.
+``heldout_cv``: 5-fold cross-validation within the held-out set (balanced, independent findings,
+no site shift): can the findings be learnt from the images at all? ``pooled``: trained on the
+training studies of every site together; ``local``: trained on one site's training studies only;
+both scored (ROC AUC) on the held-out set, where site case mix and scanners no longer match.
 """
 
 from __future__ import annotations
@@ -20,34 +23,54 @@ from hlip_fed.synth.findings import FINDINGS
 from hlip_fed.synth.truth import cohorts, load_records, site_dir
 
 SEQUENCES = ("T1", "T2", "FLAIR", "T1C", "CT")
-_HIST_BINS = np.linspace(0.0, 1.0, 17)
-_ASYM_BINS = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 1.01])
+_QUANTILES = (0.5, 2.0, 50.0, 98.0, 99.5)
+BRAIN_WINDOW_HU = (0.0, 100.0)  # the standard CT brain window
+
+
+def _pool(x: np.ndarray, k: tuple[int, int, int] = (2, 4, 4)) -> np.ndarray:
+    d, h, w = (s // f * f for s, f in zip(x.shape, k))
+    x = x[:d, :h, :w]
+    return x.reshape(d // k[0], k[0], h // k[1], k[1], w // k[2], k[2]).mean(axis=(1, 3, 5))
 
 
 def scan_features(x: np.ndarray) -> np.ndarray:
-    """Statistics of one preprocessed scan ``x`` [D, H, W] in [0, 1]."""
+    """Generic statistics of one scan ``x`` [D, H, W] (canonical axes: depth, A-P, R-L).
+
+    An intensity histogram of the central head region, quantiles of small-block means, and
+    quantiles of the left-right difference of block means (focal disease is asymmetric; ageing
+    and head size are not).
+    """
     d, h, w = x.shape
-    core = x[d // 5: d - d // 8, h // 8: h - h // 8, w // 8: w - w // 8]
-    hist = np.histogram(core, bins=_HIST_BINS)[0] / core.size
-    asym = np.abs(core - core[:, :, ::-1])
-    ahist = np.histogram(asym, bins=_ASYM_BINS)[0] / asym.size
-    blocks = core[: core.shape[0] // 4 * 4, : core.shape[1] // 6 * 6, : core.shape[2] // 6 * 6]
-    bd, bh, bw = blocks.shape
-    coarse = blocks.reshape(4, bd // 4, 6, bh // 6, 6, bw // 6).mean(axis=(1, 3, 5)).ravel()
-    return np.concatenate([hist, ahist, [core.mean(), core.std(), asym.mean()], coarse]).astype(np.float32)
+    core = x[d // 6: d - d // 8, h // 8: h - h // 8, w // 8: w - w // 8]
+    inner = x[d // 5: d - d // 6, h // 5: h - h // 5, w // 5: w - w // 5]  # inside the skull
+    hist = np.histogram(core, bins=np.linspace(0.0, 1.0, 21))[0] / core.size
+    blocks = _pool(inner, (2, 3, 3))
+    asym = blocks - blocks[:, :, ::-1]
+    return np.concatenate([
+        hist, np.percentile(blocks, _QUANTILES), np.percentile(asym, _QUANTILES),
+        [core.mean(), core.std(), np.abs(asym).mean(), blocks.std()],
+    ]).astype(np.float32)
 
 
 def study_features(study_dir: Path, scans: list[dict], data_cfg, img_size) -> np.ndarray:
-    """Per-contrast features, zeros plus a missing flag for contrasts the study lacks."""
+    """Per-contrast features, zeros plus a missing flag for contrasts the study lacks.
+
+    CT is read in the model's HU window and then looked at through the usual brain window, as a
+    radiologist would; MR uses the model's percentile scaling as is.
+    """
     from hlip_fed.data.preprocess import preprocess
     from hlip_fed.data.readers import read_scan
 
     per = {}
+    lo, hi = (float(v) for v in data_cfg.ct_window)
     for scan in scans:
         seq = scan["sequence"]
         if seq in per:
             continue
         x = preprocess(read_scan(study_dir / scan["name"]), data_cfg, img_size)[0].numpy()
+        if seq == "CT":
+            hu = x * (hi - lo) + lo
+            x = np.clip((hu - BRAIN_WINDOW_HU[0]) / (BRAIN_WINDOW_HU[1] - BRAIN_WINDOW_HU[0]), 0.0, 1.0)
         per[seq] = scan_features(x)
     size = len(scan_features(np.zeros(img_size, dtype=np.float32)))
     parts = []
@@ -81,6 +104,11 @@ def _fit_auc(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray)
     return float(roc_auc_score(yte, model.predict_proba(Xte)[:, 1]))
 
 
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96)) -> dict:
     """AUC per finding on the held-out set for the pooled probe and each site's local probe."""
     from hlip_fed.config import DataConfig
@@ -102,10 +130,26 @@ def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96)) -> dict:
     def score(names: list[str]) -> dict[str, float]:
         Xtr, Ytr = train_part(names)
         aucs = {f: _fit_auc(Xtr, Ytr[:, i], Xh, Yh[:, i]) for i, f in enumerate(FINDINGS)}
-        aucs["mean"] = float(np.nanmean([aucs[f] for f in FINDINGS]))
+        aucs["mean"] = _mean([aucs[f] for f in FINDINGS])
         return aucs
 
-    result = {"pooled": score(list(tables)), "local": {name: score([name]) for name in tables},
+    def cross_validated() -> dict[str, float]:
+        """5-fold CV within the held-out set: learnability without any site shift."""
+        from sklearn.model_selection import StratifiedKFold
+
+        aucs = {}
+        for i, f in enumerate(FINDINGS):
+            y = Yh[:, i]
+            if min(y.sum(), len(y) - y.sum()) < 5:
+                aucs[f] = float("nan")
+                continue
+            folds = StratifiedKFold(5, shuffle=True, random_state=0).split(Xh, y)
+            aucs[f] = float(np.mean([_fit_auc(Xh[tr], y[tr], Xh[te], y[te]) for tr, te in folds]))
+        aucs["mean"] = _mean([aucs[f] for f in FINDINGS])
+        return aucs
+
+    result = {"heldout_cv": cross_validated(), "pooled": score(list(tables)),
+              "local": {name: score([name]) for name in tables},
               "heldout_positives": {f: int(Yh[:, i].sum()) for i, f in enumerate(FINDINGS)},
               "heldout_studies": int(len(Yh))}
     return result
@@ -118,9 +162,10 @@ def format_result(result: dict) -> str:
     def row(name: str, aucs: dict) -> str:
         return f"{name:<28}" + "".join(f"{aucs[f]:>13.3f}" for f in FINDINGS) + f"{aucs['mean']:>8.3f}"
 
+    lines.append(row("held-out 5-fold CV", result["heldout_cv"]))
     lines.append(row("pooled (all sites)", result["pooled"]))
     for name, aucs in result["local"].items():
         lines.append(row(f"local: {name}", aucs))
     lines.append(f"held-out: {result['heldout_studies']} studies; positives "
-                 + ", ".join(f"{k} {v}" for k, v in result["heldout_positives"].items()))
+                 + ", ".join(f"{k} {v}" for k, v in result["heldout_positives"].items()) + "\n")
     return "\n".join(lines)
