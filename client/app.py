@@ -1,39 +1,67 @@
 """hlip-fed ClientApp: one hospital trains its local HLIP copy and evaluates the global model.
 
 Everything a site does lives in :mod:`hlip_fed.federation.local`; this file only moves Flower
-records in and out. The reply holds the federated arrays and scalar metrics, nothing else.
+records in and out. The reply holds the federated arrays and scalar metrics, nothing else, and
+every reply (an error too) is appended to the site's audit log
+(:mod:`hlip_fed.federation.audit`) before it is handed to Flower.
 """
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from hlip_fed.deploy.fault_injection import inject, requested_fault
+from hlip_fed.federation.audit import append_audit, audit_entry
 from hlip_fed.federation.local import local_site
-from hlip_fed.federation.run import config_from_run, prompts_from_config, resolve_site
+from hlip_fed.federation.run import Site, config_from_run, prompts_from_config, resolve_site
 
 app = ClientApp()
 
 
-def _site(context: Context):
-    cfg = config_from_run(dict(context.run_config))
-    return local_site(context.run_id, cfg, resolve_site(dict(context.run_config), dict(context.node_config)))
+def _site(context: Context) -> Site:
+    return resolve_site(dict(context.run_config), dict(context.node_config))
+
+
+def _reply(msg: Message, context: Context, site: Site, make_content) -> Message:
+    """Build the reply with ``make_content()`` and audit it; an exception is audited, then raised."""
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else None
+    kind = msg.metadata.message_type
+    try:
+        content = make_content(server_round)
+    except Exception as exc:
+        append_audit(site.state_dir, audit_entry(kind, context.run_id, server_round, None,
+                                                 error=f"{type(exc).__name__}: {exc}"))
+        raise
+    append_audit(site.state_dir, audit_entry(kind, context.run_id, server_round, content))
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
-    config = msg.content["config"]
-    arrays, metrics = site.train_round(
-        msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(config["server-round"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+
+    def content(server_round: int) -> RecordDict:
+        fault = requested_fault(dict(context.node_config), server_round)  # test-only; see its module
+        local = local_site(context.run_id, config_from_run(dict(context.run_config)), site)
+        config = msg.content["config"]
+        received = msg.content["arrays"].to_torch_state_dict()
+        arrays, metrics = local.train_round(
+            received, server_round=server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        if fault:
+            arrays = inject(fault, arrays, received)
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+
+    return _reply(msg, context, site, content)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
-    prompts = prompts_from_config(dict(msg.content["config"]))
-    metrics = site.evaluate(msg.content["arrays"].to_torch_state_dict(), prompts)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    def content(server_round: int | None) -> RecordDict:
+        local = local_site(context.run_id, config_from_run(dict(context.run_config)), site)
+        prompts = prompts_from_config(dict(msg.content["config"]))
+        metrics = local.evaluate(msg.content["arrays"].to_torch_state_dict(), prompts)
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    return _reply(msg, context, site, content)

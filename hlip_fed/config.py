@@ -135,6 +135,13 @@ class FederationConfig:
     trim_fraction: float = 0.2
     groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
     round_timeout_s: float = 600.0
+    # Update screening: reject a site whose update norm |w_site - w_global| is more than this many
+    # times the round's (lower) median update norm; 0 disables it.
+    max_update_ratio: float = 10.0
+    # Waiting for sites: at most this long for min_nodes to be connected before a round; then the
+    # round goes ahead with the connected sites if there are at least `quorum`, else the run stops.
+    node_wait_s: float = 600.0
+    quorum: int = 1
 
 
 @dataclass
@@ -249,6 +256,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.loss.name must be clip or siglip, not {cfg.model.loss.name!r}")
     if cfg.data.fit not in ("crop", "resize"):
         raise ConfigError(f"data.fit must be crop or resize, not {cfg.data.fit!r}")
+    fed = cfg.federation
+    if fed.max_update_ratio < 0 or (0 < fed.max_update_ratio <= 1):
+        raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")
+    if fed.node_wait_s <= 0:
+        raise ConfigError("federation.node_wait_s must be positive: waiting for sites is bounded")
+    if not 1 <= fed.quorum <= max(fed.min_nodes, 1):
+        raise ConfigError(f"federation.quorum must be between 1 and federation.min_nodes ({fed.min_nodes})")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {cfg.train.precision!r}")
 

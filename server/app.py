@@ -33,7 +33,9 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.warning("%s already holds %d completed rounds; nothing to do", out, coord.offset)
         return
-    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state())
+    # Nodes of the last completed round, so a stalled resume can say which sites it misses.
+    known = [int(n) for n in (coord.resumed.state.get("train_sites", {}) if coord.resumed else {})]
+    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and coord.offset:

@@ -1,10 +1,15 @@
-"""Flower strategies wrapped for hlip-fed: screened replies, fp32 arrays, resumable rounds.
+"""Flower strategies wrapped for hlip-fed: screened replies, bounded waits, resumable rounds.
 
-``build_strategy`` takes a Flower Message-API strategy named by ``federation.strategy`` and adds
-three things through :class:`HlipStrategy`:
+``build_strategy`` takes a Flower Message-API strategy named by ``federation.strategy`` (robust
+aggregation: ``fedmedian`` or ``fedtrimmedavg``) and adds through :class:`HlipStrategy`:
 
-* replies are screened (:func:`hlip_fed.federation.screen.screen_replies`) before Flower sees
-  them, so one broken site cannot end the run;
+* replies are screened before Flower sees them, first their form
+  (:func:`~hlip_fed.federation.screen.screen_replies`), then the size of each site's update
+  against the round's global model (:func:`~hlip_fed.federation.screen.screen_update_norms`), so
+  one broken or malicious site cannot end the run or drag the average;
+* bounded waiting for sites: Flower's sampling waits forever for ``min_available_nodes``; here a
+  round waits at most ``federation.node_wait_s``, then goes ahead with the connected sites if
+  they reach ``federation.quorum``, or stops the run naming the node ids it misses;
 * aggregated arrays are cast back to fp32 (FedOpt computes in float64);
 * a round offset: ``Strategy.start`` always counts from 1, so a resumed run adds the rounds already
   done to every round number the clients, the schedules and FedOpt's bias correction see.
@@ -13,16 +18,19 @@ three things through :class:`HlipStrategy`:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import aggregate_site_metrics
-from hlip_fed.federation.screen import screen_replies
+from hlip_fed.federation.screen import screen_replies, screen_update_norms
 
 log = logging.getLogger("hlip_fed.server")
 
@@ -36,20 +44,104 @@ BASES = {
 }
 
 
+def wait_for_nodes(
+    grid: Grid,
+    needed: int,
+    quorum: int,
+    wait_s: float,
+    known: Iterable[int] = (),
+    poll_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """Connected node ids once ``needed`` are connected, or after ``wait_s`` if at least ``quorum``.
+
+    Raises :class:`HlipError` when fewer than ``quorum`` are connected after the wait, naming the
+    ``known`` nodes (seen in earlier rounds) that are missing: node ids are all the server knows
+    of a site (``hlip-fed site list`` maps them to names).
+    """
+    deadline = clock() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed or clock() >= deadline:
+            break
+        sleep(poll_s)
+    if len(nodes) >= min(needed, quorum):
+        return nodes
+    missing = sorted(set(known) - set(nodes))
+    raise HlipError(
+        f"only {len(nodes)} of {needed} sites connected after {wait_s:g}s (quorum {quorum}); "
+        f"connected nodes: {nodes or 'none'}; missing nodes seen in earlier rounds: {missing or 'none known'}"
+    )
+
+
 class HlipStrategy:
     """Mixin placed before a Flower strategy class (see :func:`build_strategy`)."""
 
-    def setup(self, expected: dict[str, tuple[int, ...]], offset: int) -> None:
-        self.expected, self.offset = expected, offset
+    def setup(self, expected: dict[str, tuple[int, ...]], offset: int, fed: FederationConfig,
+              known_nodes: Iterable[int] = ()) -> None:
+        self.expected, self.offset, self.fed = expected, offset, fed
         self.round_record: dict = {}
+        self.known_nodes: set[int] = set(known_nodes)  # every node that took part, for messages
+        self._sent: dict[str, int] = {}  # message id -> destination node, for SuperLink errors
+        self._global: dict[str, np.ndarray] = {}
+
+    @contextmanager
+    def _attendance(self, grid: Grid, what: str, server_round: int):
+        """Let Flower's sampler see a reachable minimum: the sites connected after a bounded wait."""
+        needed = self.min_available_nodes
+        nodes = wait_for_nodes(grid, needed, self.fed.quorum, self.fed.node_wait_s, self.known_nodes)
+        self.known_nodes.update(nodes)
+        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        if len(nodes) < needed:
+            absent = sorted(self.known_nodes - set(nodes))
+            log.warning("round %d: %s with %d of %d sites after waiting %gs; absent nodes: %s",
+                        server_round + self.offset, what, len(nodes), needed, self.fed.node_wait_s,
+                        absent or "none known")
+            self.round_record.setdefault("absent", absent)
+            self.min_available_nodes = min(self.min_available_nodes, len(nodes))
+            self.min_train_nodes = min(self.min_train_nodes, len(nodes))
+            self.min_evaluate_nodes = min(self.min_evaluate_nodes, len(nodes))
+        try:
+            yield
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    def _remember(self, messages: Iterable[Message]) -> list[Message]:
+        """Keep the messages sent; Flower's grid stamps their ids when it pushes them."""
+        messages = list(messages)
+        self._outbox = messages
+        return messages
+
+    def _node_of(self, reply: Message) -> int:
+        """The site a reply is about: the SuperLink answers for an offline node in its own name."""
+        if not self._sent and getattr(self, "_outbox", None):
+            self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox
+                          if m.metadata.message_id}
+        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _no_reply(self, replies: list[Message]) -> list[int]:
+        replied = {self._node_of(m) for m in replies}
+        return sorted({m.metadata.dst_node_id for m in getattr(self, "_outbox", [])} - replied)
 
     # -- training ------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.round_record = {}
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        self.round_record, self._sent = {}, {}
+        self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        with self._attendance(grid, "training", server_round):
+            return self._remember(super().configure_train(server_round + self.offset, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies):
-        good, rejected = screen_replies(list(replies), self.expected)
+        replies = list(replies)
+        good, rejected = screen_replies(replies, self.expected, node_of=self._node_of)
+        norms: dict[int, float] = {}
+        if self._global and good:
+            good, too_large, norms = screen_update_norms(good, self._global, self.fed.max_update_ratio)
+            rejected += too_large
+        silent = self._no_reply(replies)
+        if silent:
+            log.warning("round %d: no training reply from node(s) %s within %gs", server_round + self.offset,
+                        silent, self.fed.round_timeout_s)
         for r in rejected:
             log.warning("round %d: rejected the update of node %s: %s", server_round + self.offset, r.node_id, r.reason)
         sites = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values()))) for m in good}
@@ -57,6 +149,8 @@ class HlipStrategy:
             train_sites={str(k): v for k, v in sites.items()},
             rejected=[{"node": r.node_id, "reason": r.reason} for r in rejected],
             bytes_per_site={str(k): v.get("bytes-sent", 0.0) for k, v in sites.items()},
+            update_norms={str(k): v for k, v in norms.items()},
+            no_reply=silent,
         )
         if sites:
             log.info("round %d: %.2f MB received per site", server_round + self.offset,
@@ -75,10 +169,12 @@ class HlipStrategy:
 
     # -- evaluation ----------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+        self._sent = {}
+        with self._attendance(grid, "evaluation", server_round):
+            return self._remember(super().configure_evaluate(server_round + self.offset, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
-        good, rejected = screen_replies(list(replies), None)
+        good, rejected = screen_replies(list(replies), None, node_of=self._node_of)
         for r in rejected:
             log.warning("round %d: rejected the evaluation of node %s: %s", server_round + self.offset, r.node_id, r.reason)
         per_site = {str(m.metadata.src_node_id): dict(next(iter(m.content.metric_records.values()))) for m in good}
@@ -105,7 +201,8 @@ class HlipStrategy:
                 setattr(self, name, moments)
 
 
-def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None):
+def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None,
+                   known_nodes: Iterable[int] = ()):
     name = fed.strategy.lower()
     if name not in BASES:
         raise HlipError(f"federation.strategy {fed.strategy!r} is not one of {', '.join(BASES)}")
@@ -126,7 +223,7 @@ def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: di
             raise HlipError(f"fedtrimmedavg needs at least 3 sites (federation.min_nodes={fed.min_nodes})")
     cls = type(f"Hlip{base.__name__}", (HlipStrategy, base), {})
     strategy = cls(**common, **extra)
-    strategy.setup(expected, offset)
+    strategy.setup(expected, offset, fed, known_nodes)
     if state:
         strategy.load_state_arrays(state)
     return strategy

@@ -159,3 +159,14 @@ def test_server_survives_a_site_sending_nan(mini_consortium, tmp_path):
     assert [r["node"] for r in record["rejected"]] == [1001]
     assert len(record["train_sites"]) == 2
     assert "auc-mean" in record["heldout"] and "r5" in record["heldout"]
+
+
+def test_operational_settings_do_not_block_a_resume():
+    from hlip_fed.config import load_config
+    from hlip_fed.federation.coordinator import resume_hash
+
+    base = load_config("tiny")
+    same = load_config("tiny", overrides=["federation.rounds=9", "federation.node_wait_s=5", "federation.quorum=1",
+                                          "federation.max_update_ratio=0", "train.threads=1", "data.cache_dir=/x"])
+    other = load_config("tiny", overrides=["train.lr=0.1"])
+    assert resume_hash(base) == resume_hash(same) != resume_hash(other)

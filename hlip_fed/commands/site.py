@@ -1,20 +1,67 @@
-"""``hlip-fed site``: work with a hospital's site folder (layout in ``docs/site-layout.md``).
+"""``hlip-fed site``: a hospital's site folder, its enrolment, and its SuperNode.
 
-Subcommands are added by small ``_add_<name>(sub)`` functions so that further site subcommands
-(enrolment, revocation, starting a node) can be added next to ``index`` and ``check``.
+``index`` and ``check`` work on the site folder (layout in ``docs/site-layout.md``); ``start``
+runs at the hospital (``check`` first, then ``flower-supernode``); ``enroll``, ``revoke`` and
+``list`` run at the consortium operator, on the SuperLink host (``docs/deployment.md``).
+Subcommands are added by small ``_add_<name>(sub)`` functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("site", help="index and check a hospital's site folder")
+    parser = subparsers.add_parser("site", help="site folders, site enrolment, a site's SuperNode")
     sub = parser.add_subparsers(dest="site_command", required=True, metavar="SUBCOMMAND")
     _add_index(sub)
     _add_check(sub)
+    _add_start(sub)
+    _add_enroll(sub)
+    _add_revoke(sub)
+    _add_list(sub)
+
+
+def _add_start(sub) -> None:
+    p = sub.add_parser("start", help="check the site folder, then run flower-supernode (foreground)")
+    p.add_argument("--superlink", required=True, help="the consortium's fleet address HOST:PORT")
+    p.add_argument("--ca", type=Path, required=True, help="the consortium's ca.crt")
+    p.add_argument("--key", type=Path, required=True, help="this site's private key (NAME.key)")
+    p.add_argument("--data", type=Path, required=True, help="the site folder")
+    p.add_argument("--state", type=Path,
+                   help="caches, optimiser state, audit log (default $XDG_STATE_HOME/hlip-fed/NAME)")
+    p.add_argument("--name", help="site name (default: the key file's name)")
+    p.add_argument("--truth", type=Path, help="labels of the site's test split, for local metrics")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="loopback port for the node's ClientApp processes (default 9094)")
+    p.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further node-config entry (repeatable)")
+    p.add_argument("--skip-check", action="store_true", help="do not read every scan first")
+    p.set_defaults(func=_start)
+
+
+def _add_enroll(sub) -> None:
+    p = sub.add_parser("enroll", help="operator: register a site's public key on the SuperLink")
+    p.add_argument("name", help="site name, e.g. hospital-a")
+    p.add_argument("--key", type=Path, required=True, help="the site's NAME.pub")
+    p.add_argument("--state", type=Path, required=True, help="the SuperLink's state folder")
+    p.set_defaults(func=_enroll)
+
+
+def _add_revoke(sub) -> None:
+    p = sub.add_parser("revoke", help="operator: unregister a site's key; its node is refused at once")
+    p.add_argument("name")
+    p.add_argument("--state", type=Path, required=True, help="the SuperLink's state folder")
+    p.set_defaults(func=_revoke)
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="operator: enrolled sites with node IDs and status")
+    p.add_argument("--state", type=Path, required=True, help="the SuperLink's state folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
 
 
 def _add_index(sub) -> None:
@@ -78,3 +125,70 @@ def _check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report.lines()))
     return 0 if report.usable else 1
+
+
+def _start(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from hlip_fed.deploy.flower_env import flower_env
+    from hlip_fed.deploy.supernode import SuperNodeConfig, supernode_command
+    from hlip_fed.errors import HlipError
+
+    extra = {}
+    for item in args.node_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HlipError(f"--node-config {item!r} is not KEY=VALUE")
+        extra[key] = value.strip("\"'")
+    cfg = SuperNodeConfig(args.superlink, args.ca, args.key, args.data, args.state, args.name,
+                          args.truth, args.runtime_port, extra)
+    cfg.validate()
+    if not args.skip_check:
+        check = argparse.Namespace(dir=str(args.data), manifest=None, split=None, json=False)
+        if _check(check) != 0:
+            raise HlipError(f"{args.data}: no usable study; fix the problems above first")
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = supernode_command(cfg)
+    print(f"site {cfg.site_name}: starting flower-supernode -> {cfg.superlink} "
+          f"(state {cfg.state_dir}, audit log {cfg.state_dir / 'audit.jsonl'})", flush=True)
+    sys.stdout.flush()
+    # Replace this process: the service manager and `kill` see flower-supernode itself.
+    os.execve(argv[0], argv, flower_env(flwr_home=cfg.state_dir / "flwr-home"))
+    return 0  # not reached
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from hlip_fed.deploy.enrolment import Enrolment
+    from hlip_fed.deploy.flwr_cli import operator_cli
+
+    record = Enrolment(args.state, operator_cli(args.state)).enroll(args.name, args.key)
+    print(f"enrolled site {record.name} as node {record.node_id} ({record.fingerprint})")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from hlip_fed.deploy.enrolment import Enrolment
+    from hlip_fed.deploy.flwr_cli import operator_cli
+
+    record = Enrolment(args.state, operator_cli(args.state)).revoke(args.name)
+    print(f"revoked site {record.name} (node {record.node_id}) at {record.revoked_at}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hlip_fed.deploy.enrolment import Enrolment
+    from hlip_fed.deploy.flwr_cli import operator_cli
+
+    enrolment = Enrolment(args.state, operator_cli(args.state))
+    status = {int(n["node-id"]): n.get("status", "?") for n in enrolment.flwr.list_nodes()}
+    rows = [dict(asdict(r), status=status.get(r.node_id, "unknown")) for r in enrolment.records()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<20} node {r['node_id']:<20} {r['status']:<13} {r['fingerprint']}"
+                  + (f"  revoked {r['revoked_at']}" if r["revoked_at"] else ""))
+    return 0

@@ -73,3 +73,19 @@ class FlwrCli:
 
     def list_nodes(self) -> list[dict]:
         return list(self.json_call("supernode", "list").get("nodes", []))
+
+    def start_run(self, app: Path, run_config: str | None = None) -> int:
+        """Submit the app folder as a run (its ServerApp starts on the SuperLink host)."""
+        extra = ["--run-config", run_config] if run_config else []
+        return int(self.json_call("run", str(Path(app).resolve()), CONNECTION, *extra)["run-id"])
+
+
+def operator_cli(state_dir: Path) -> FlwrCli:
+    """The operator profile that ``hlip-fed server start`` writes into the SuperLink's state dir."""
+    from hlip_fed.deploy.superlink import OPERATOR_HOME
+
+    home = Path(state_dir) / OPERATOR_HOME
+    if not (home / "config.toml").is_file():
+        raise HlipError(f"{home}/config.toml missing; run `hlip-fed server start --state {state_dir}` "
+                        "on this host first")
+    return FlwrCli(home)

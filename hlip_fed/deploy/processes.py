@@ -105,6 +105,23 @@ class ManagedProcess:
         _stop_pids(descendants)
         return self.popen.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the daemon, its group and every descendant at once: a crash, not a shutdown."""
+        if self.popen is None:
+            return
+        descendants = list(self.remember_descendants())
+        _signal_group(self.popen.pid, signal.SIGKILL)
+        for pid, _ in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        _stop_pids(descendants, grace=0.0)
+
     def fail(self, reason: str) -> HlipError:
         return HlipError(f"{self.name} {reason}; last log lines from {self.log_path}:\n"
                          f"{log_tail(self.log_path)}")
@@ -150,6 +167,16 @@ def _stat_fields(pid: int) -> list[str]:
 def _start_time(pid: int) -> str:
     fields = _stat_fields(pid)
     return fields[19] if len(fields) > 19 else ""  # field 22 of stat: start time in clock ticks
+
+
+def process_start_time(pid: int) -> str:
+    """The start time of ``pid`` (``""`` if it is gone): with the PID it names one process."""
+    return _start_time(pid) if pid > 0 else ""
+
+
+def same_process_alive(pid: int, start_time: str) -> bool:
+    """Whether the process ``pid`` started at ``start_time`` still runs (a zombie does not)."""
+    return bool(start_time) and _alive((pid, start_time))
 
 
 def _alive(ident: tuple[int, str]) -> bool:

@@ -15,13 +15,23 @@ Sites are given ``HOST:9092``; the operator runs ``flwr`` on the SuperLink host 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_fed.deploy.flower_env import flower_env
-from hlip_fed.deploy.processes import ManagedProcess, check_port_free, stop_all, wait_for_port
+from hlip_fed.deploy.processes import (
+    ManagedProcess,
+    check_port_free,
+    process_start_time,
+    stop_all,
+    wait_for_port,
+)
 from hlip_fed.errors import HlipError
 from hlip_fed.security.files import check_private_mode
 from hlip_fed.security.pki import (
@@ -35,6 +45,8 @@ from hlip_fed.security.pki import (
 FLEET_PORT = 9092
 CONTROL_PORT = 9093
 STATE_DB = "superlink.db"
+SERVER_FILE = "server.json"  # PIDs and addresses of the running server, for `hlip-fed server stop`
+OPERATOR_HOME = "operator"  # the operator's `flwr` profile (loopback Control API), in the state dir
 
 
 def flower_executable(name: str) -> str:
@@ -181,6 +193,38 @@ class SuperLinkDeployment:
     def stop(self) -> None:
         stop_all(self.processes)
 
+    def run_foreground(self, poll_s: float = 1.0, on_ready=None) -> int:
+        """Start, then supervise until SIGTERM/SIGINT (exit 0) or until a daemon dies (error).
+
+        Meant for a service manager (systemd ``Type=simple``): one foreground process that owns
+        both daemons, records them in ``server.json``, stops both when either dies so the
+        manager restarts the pair, and leaves nothing running when it exits.
+        """
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        info = Path(self.cfg.state_dir) / SERVER_FILE
+        try:
+            self.start()
+            _write_json(info, {
+                "pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                "fleet": self.cfg.fleet_address, "control": self.cfg.control_address,
+                "processes": self.pids(),
+            })
+            if on_ready is not None:
+                on_ready(self)
+            while not stop.wait(poll_s):
+                for proc in self.processes:
+                    proc.remember_descendants()  # ServerApp helpers, so they are stopped too
+                    if not proc.running():
+                        raise proc.fail(f"exited with code {proc.popen.returncode}")
+        finally:
+            self.stop()
+            info.unlink(missing_ok=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
     def pids(self) -> dict[str, int | None]:
         return {p.name: p.pid for p in self.processes}
 
@@ -189,3 +233,21 @@ class SuperLinkDeployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_server_info(state_dir: Path) -> dict | None:
+    """The running server's ``server.json``, or None when no server of this state dir runs."""
+    path = Path(state_dir) / SERVER_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if process_start_time(int(info.get("pid", 0))) != info.get("start_time"):
+        return None  # a stale file from a server that was killed; the PID may be reused
+    return info

@@ -30,9 +30,15 @@ log = logging.getLogger("hlip_fed.federation")
 
 
 def resume_hash(cfg: Config) -> str:
-    """Config digest that must match to resume; more rounds may be asked for on resume."""
-    fed = dataclasses.replace(cfg.federation, rounds=0, round_timeout_s=0.0)
-    return config_hash(dataclasses.replace(cfg, federation=fed))
+    """Digest of what defines the training: it must match to resume. Operational settings (how
+    many rounds in all, timeouts, waiting, screening bounds, threads, workers, cache folder) may
+    change between a run and its resumption."""
+    fed = dataclasses.replace(
+        cfg.federation, rounds=0, round_timeout_s=0.0, node_wait_s=1.0, quorum=1, max_update_ratio=0.0
+    )
+    train = dataclasses.replace(cfg.train, threads=0, device="cpu")
+    data = dataclasses.replace(cfg.data, num_workers=0, cache_dir=None)
+    return config_hash(dataclasses.replace(cfg, federation=fed, train=train, data=data))
 
 
 class Coordinator:

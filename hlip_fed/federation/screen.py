@@ -4,12 +4,17 @@ In Flower 1.42 one inconsistent reply (a missing key, an extra ArrayRecord, a me
 others lack) raises inside the strategy and ends the whole run. A federation of hospitals must
 survive a broken or malicious site, so every reply is checked first and the bad ones are dropped
 with a logged reason naming the node; the round aggregates the rest.
+
+Two stages: :func:`screen_replies` checks form (error replies, missing or extra arrays, shapes,
+dtypes, non-finite values, metric keys); :func:`screen_update_norms` then checks size, rejecting
+an update far larger than the round's typical one (a scaled or boosted model).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +82,7 @@ def screen_replies(
     replies: list[Message],
     expected: dict[str, tuple[int, ...]] | None,
     weight_key: str = "num-examples",
+    node_of: Callable[[Message], int] | None = None,
 ) -> tuple[list[Message], list[Rejection]]:
     """Split replies into those safe to aggregate and rejections with reasons.
 
@@ -84,14 +90,17 @@ def screen_replies(
     evaluation reply, which must carry metrics only. Error replies (the ClientApp raised) are
     rejected too. Among well-formed replies the metric keys of the majority define the round's key
     set; a reply with other keys is rejected, since Flower's metric aggregation needs identical keys.
-    Accepted replies are returned sorted by node id.
+    Accepted replies are returned sorted by node id. ``node_of`` names the site of a reply; the
+    default, the sender, is the SuperLink itself for the error replies it makes up for a node that
+    went offline, so the strategy passes a lookup by the message replied to.
     """
+    node_of = node_of or (lambda m: m.metadata.src_node_id)
     good: list[Message] = []
     rejected: list[Rejection] = []
     for msg in replies:
         reason = _check_reply(msg, expected, weight_key)
         if reason:
-            rejected.append(Rejection(msg.metadata.src_node_id, reason))
+            rejected.append(Rejection(node_of(msg), reason))
         else:
             good.append(msg)
     if good:
@@ -104,3 +113,48 @@ def screen_replies(
     # (after a resume) aggregates to the same bits whatever order the replies arrived in.
     good.sort(key=lambda m: m.metadata.src_node_id)
     return good, rejected
+
+
+def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of the update ``arrays - reference`` over all federated arrays (float64 sums)."""
+    total = 0.0
+    for key, ref in reference.items():
+        delta = arrays[key].numpy().astype(np.float64) - ref
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+def screen_update_norms(
+    replies: list[Message], reference: dict[str, np.ndarray], max_ratio: float
+) -> tuple[list[Message], list[Rejection], dict[int, float]]:
+    """Reject updates whose norm is far above the round's typical update.
+
+    A site can pass :func:`screen_replies` with finite, well-shaped weights that still wreck the
+    average (a boosted or scaled update). What is compared is the update Δ = w_site − w_global,
+    not the weights: weights of every site have about the same norm whatever they learned. The
+    reference is the *lower* median of the round's update norms, so with two sites the larger
+    update is compared with the smaller one (a plain median would be half the outlier itself),
+    and one site alone is never rejected. A reply is rejected when its norm exceeds
+    ``max_ratio`` times that reference; ``max_ratio <= 0`` disables the check. Replies must
+    already have passed :func:`screen_replies` (same keys and shapes as ``reference``).
+
+    Returns the kept replies, the rejections and every reply's update norm by node id.
+    """
+    norms = {m.metadata.src_node_id: update_norm(next(iter(m.content.array_records.values())), reference)
+             for m in replies}
+    if max_ratio <= 0 or len(replies) < 2:
+        return list(replies), [], norms
+    values = sorted(norms.values())
+    reference_norm = values[(len(values) - 1) // 2]
+    limit = max_ratio * reference_norm
+    kept, rejected = [], []
+    for msg in replies:
+        norm = norms[msg.metadata.src_node_id]
+        if norm > limit:
+            rejected.append(Rejection(
+                msg.metadata.src_node_id,
+                f"update norm {norm:.4g} is more than {max_ratio:g}x the round's median {reference_norm:.4g}",
+            ))
+        else:
+            kept.append(msg)
+    return kept, rejected, norms
