@@ -68,10 +68,13 @@ def zeroshot_probabilities(
 
 
 def zeroshot_metrics(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-finding AUC and balanced accuracy; studies labelled -1 (unknown) are left out."""
     metrics: dict[str, float] = {}
     aucs, baccs = [], []
     for name, p in probs.items():
         y = np.asarray(labels[name]).astype(int)
+        p = np.asarray(p)[y >= 0]
+        y = y[y >= 0]
         npos = int(y.sum())
         both = 0 < npos < len(y)
         auc = float(roc_auc_score(y, p)) if both else 0.0
@@ -107,21 +110,50 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5,
     return out
 
 
+def _split_metrics(image_emb, text_emb, probs, y) -> dict[str, float]:
+    metrics = retrieval_metrics(image_emb, text_emb)
+    if probs is not None:
+        metrics.update(zeroshot_metrics(probs, y))
+    return metrics
+
+
 def evaluate(
     model: HLIP, tokenizer: ReportTokenizer, loader: Iterable,
     labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
-    template: str = DEFAULT_TEMPLATE, device: str = "cpu",
+    template: str = DEFAULT_TEMPLATE, device: str = "cpu", bootstrap: int = 0, seed: int = 0,
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
-    labels are left out of zero-shot); ``prompts`` maps finding -> (negative, positive)."""
+    labels are left out of zero-shot); ``prompts`` maps finding -> (negatives, positives).
+
+    With ``bootstrap > 0`` the studies are resampled that many times and ``<metric>-ci-low`` /
+    ``<metric>-ci-high`` give the 95 % interval of the headline metrics.
+    """
     image_emb, ids, reports = embed_images(model, loader, device)
-    metrics = {"num-examples": float(len(ids))}
-    metrics.update(retrieval_metrics(image_emb, embed_texts(model, tokenizer, reports, device=device)))
+    text_emb = embed_texts(model, tokenizer, reports, device=device)
+    probs = y = None
     if prompts:
-        keep = [i for i, sid in enumerate(ids) if labels and sid in labels]
-        probs = zeroshot_probabilities(model, tokenizer, image_emb[keep], prompts, template)
-        y = {f: np.array([labels[ids[i]][f] for i in keep]) for f in prompts}
-        metrics.update(zeroshot_metrics(probs, y))
+        probs = zeroshot_probabilities(model, tokenizer, image_emb, prompts, template)
+        known = labels or {}
+        y = {f: np.array([known[sid][f] if sid in known else -1 for sid in ids]) for f in prompts}
+    metrics = {"num-examples": float(len(ids)), **_split_metrics(image_emb, text_emb, probs, y)}
+    if bootstrap and len(ids) > 1:
+        rng = np.random.default_rng(seed)
+        heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10")
+        draws: dict[str, list[float]] = {k: [] for k in heads}
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(ids), len(ids))
+            t = torch.from_numpy(idx)
+            m = _split_metrics(
+                image_emb[t], text_emb[t],
+                {f: p[idx] for f, p in probs.items()} if probs is not None else None,
+                {f: v[idx] for f, v in y.items()} if y is not None else None,
+            )
+            for k in heads:
+                if k in m:
+                    draws[k].append(m[k])
+        for k, v in draws.items():
+            if v:
+                metrics[f"{k}-ci-low"], metrics[f"{k}-ci-high"] = (float(x) for x in np.percentile(v, [2.5, 97.5]))
     return {k: (v if math.isfinite(v) else 0.0) for k, v in metrics.items()}
 
 

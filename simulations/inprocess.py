@@ -1,9 +1,12 @@
-"""A Flower Grid that runs the ClientApp in this process: the server loop without the runtime.
+"""A Flower Grid that runs the ClientApp in this process: the same ServerApp and ClientApp code
+as ``flwr run``, without the runtime's processes.
 
-Used by tests that need many rounds quickly and deterministic node ids (resume, screening). It
-sets Flower's task identity as the runtime does, builds messages with explicit metadata and
-dispatches each to ``client.app.app`` with a per-node Context (partition ids as in simulation).
-A ``tamper`` hook may rewrite a node's reply, and ``fail_at_round`` raises to simulate a crash.
+Experiments that run many federations (the comparison harness, seeds, leave-one-site-out) and tests
+that need exact reproducibility use it: sites run one after another, node ids are fixed, and there
+is no start-up cost. It sets Flower's task identity as the runtime does, builds messages with
+explicit metadata and dispatches each to ``client.app.app`` with a per-node Context (partition ids
+as in simulation). A ``tamper`` hook may rewrite a node's reply, and ``fail_at_round`` raises to
+simulate a server crash.
 """
 
 import itertools
@@ -16,7 +19,7 @@ from client.app import app as client_app
 
 
 class ServerCrash(RuntimeError):
-    pass
+    """Raised by ``fail_at_round``: the server died before the round's messages went out."""
 
 
 class InProcessGrid(Grid):
@@ -71,3 +74,13 @@ class InProcessGrid(Grid):
                 self.sent.append((node, server_round, reply.content))
             replies.append(reply)
         return replies
+
+
+def run_federation(run_config: dict, num_nodes: int, run_id: int = 1, **grid_kwargs) -> InProcessGrid:
+    """Run the ServerApp over an :class:`InProcessGrid` of ``num_nodes`` sites; returns the grid."""
+    from server.app import main as server_main
+
+    grid = InProcessGrid(run_config, num_nodes=num_nodes, run_id=run_id, **grid_kwargs)
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    server_main(grid, context)
+    return grid

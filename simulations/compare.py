@@ -1,0 +1,297 @@
+"""Does federation work? Pooled vs local-only vs FedAvg vs FedProx (and leave-one-site-out).
+
+    python -m simulations.compare --data DIR --out OUT [--config demo] [--seeds 3] [--overrides "..."]
+
+All methods get the same compute: batch size ``train.batch_size`` and a budget of
+``T = federation.rounds * federation.local_steps * n_sites`` optimizer steps in total.
+
+* ``pooled``: one model trained centrally on the union of every site's training studies, T steps.
+* ``local``: each site alone, each given the full budget T, with early stopping on a validation
+  split carved from its own training studies (the contrastive loss, which needs no labels), so a
+  small site is not starved.
+* ``fedavg`` / ``fedprox``: the real ServerApp and ClientApp (in-process, see
+  :mod:`simulations.inprocess`): every site runs ``local_steps`` per round.
+* ``loso``: for each site, the federation of the other sites, evaluated on that site's test split.
+
+Everything but ``loso`` is evaluated on the consortium's held-out set. ``OUT/results.json`` has one
+block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5``, ``r10`` (mean
+over seeds, with ``sd`` and a bootstrap 95 % interval over held-out studies); ``OUT/results.md`` and
+``OUT/results.png`` show the same. If ``DIR`` does not exist it is generated (``--preset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from hlip_fed.config import Config, load_config
+from hlip_fed.data.dataset import SiteDataset, collate_studies
+from hlip_fed.evaluate import evaluate
+from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
+from hlip_fed.model import HLIP, create_model, create_tokenizer
+from hlip_fed.train import cycle, make_optimizer, train_steps
+
+KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10"}
+
+
+class Consortium:
+    """The consortium's datasets, built once and shared by every method and seed."""
+
+    def __init__(self, root: Path, cfg: Config):
+        self.root, self.cfg = root, cfg
+        self.sites = consortium_sites(root)
+        img = cfg.model.vision.img_size
+        self.train = {s.name: SiteDataset(s, cfg.data, img, split="train") for s in self.sites}
+        self.test = {s.name: SiteDataset(s, cfg.data, img, split="test") for s in self.sites}
+        self.heldout = SiteDataset(root / "heldout", cfg.data, img, split=None)
+        self.labels = read_labels(root / "truth" / "heldout.jsonl")
+        self.site_labels = {s.name: read_labels(root / "truth" / f"{s.name}.jsonl") for s in self.sites}
+        self.prompts = read_prompts(root)
+
+    def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=shuffle, generator=gen,
+                          collate_fn=collate_studies, drop_last=shuffle and len(dataset) > self.cfg.train.batch_size)
+
+
+def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=None) -> dict[str, float]:
+    loader = cons.loader(dataset if dataset is not None else cons.heldout)
+    return evaluate(model, tok, loader, labels if labels is not None else cons.labels, cons.prompts, bootstrap=200)
+
+
+@torch.no_grad()
+def contrastive_loss(model: HLIP, tok, loader) -> float:
+    model.eval()
+    losses = []
+    for images, mask, reports, _ in loader:
+        out = model(images, mask, **tok(reports))
+        losses.append(model.loss(out["image"], out["text"]).item())
+    return float(np.mean(losses)) if losses else math.inf
+
+
+def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium, val=None, eval_every: int = 0):
+    """Train one model on ``dataset``; with ``val``, keep the weights of the best validation loss."""
+    torch.manual_seed(seed)
+    model, tok = create_model(cfg.model, seed=cfg.train.seed), create_tokenizer(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    batches = cycle(cons.loader(dataset, shuffle=True, seed=seed), seed)
+    chunk = eval_every if val is not None and eval_every else steps
+    best, best_state, done = math.inf, None, 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done, total_steps=steps)
+        done += n
+        if val is not None:
+            loss = contrastive_loss(model, tok, cons.loader(val))
+            if loss < best:
+                best, best_state = loss, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model, tok
+
+
+def split_validation(dataset: SiteDataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    n = len(dataset)
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * fraction))) if n > 2 else 0
+    return Subset(dataset, sorted(order[k:].tolist())), Subset(dataset, sorted(order[:k].tolist()))
+
+
+def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: int, seed: int) -> Path:
+    """Run the real ServerApp/ClientApp in-process; returns the run folder (final model in model/)."""
+    from hlip_fed.federation.local import _SITES
+    from simulations.inprocess import run_federation
+
+    run = out / method
+    shutil.rmtree(run, ignore_errors=True)
+    overrides = cfg_args["overrides"] + [f"federation.strategy={method}", f"federation.min_nodes={n_sites}", f"train.seed={seed}"]
+    run_config = {"config": cfg_args["config"], "overrides": " ".join(shlex.quote(o) for o in overrides),
+                  "data-root": str(data_root), "run-dir": str(run)}
+    _SITES.clear()
+    run_federation(run_config, num_nodes=n_sites, run_id=seed * 1000 + len(str(run)))
+    _SITES.clear()
+    return run
+
+
+def loso_view(root: Path, left_out: str, out: Path) -> Path:
+    """A consortium folder without one site (symlinks, nothing copied)."""
+    view = out / f"without-{left_out}"
+    shutil.rmtree(view, ignore_errors=True)
+    (view / "sites").mkdir(parents=True)
+    for site in consortium_sites(root):
+        if site.name != left_out:
+            (view / "sites" / site.name).symlink_to(site.resolve())
+    for name in ("heldout", "truth", "prompts.json"):
+        if (root / name).exists():
+            (view / name).symlink_to((root / name).resolve())
+    return view
+
+
+def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int, methods: list[str], log) -> dict:
+    fed = cfg.federation
+    n = len(cons.sites)
+    budget = fed.rounds * fed.local_steps * n
+    res: dict = {}
+    if "pooled" in methods:
+        log(f"seed {seed}: pooled, {budget} steps")
+        model, tok = train_central(cfg, ConcatDataset(list(cons.train.values())), budget, seed, cons)
+        res["pooled"] = heldout_metrics(model, tok, cons)
+    if "local" in methods:
+        res["local"] = {}
+        for site, data in cons.train.items():
+            log(f"seed {seed}: local-only {site}, up to {budget} steps")
+            train, val = split_validation(data, 0.2, seed)
+            model, tok = train_central(cfg, train, budget, seed, cons, val=val if len(val) else None,
+                                       eval_every=max(1, budget // 8))
+            res["local"][site] = heldout_metrics(model, tok, cons)
+    for method in ("fedavg", "fedprox"):
+        if method in methods:
+            log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
+            run = federated(method, cfg_args, cons.root, out, n, seed)
+            model = HLIP.from_pretrained(run / "model")
+            res[method] = heldout_metrics(model, create_tokenizer(cfg.model), cons)
+    if "loso" in methods:
+        res["loso"] = {}
+        for site in cons.sites:
+            log(f"seed {seed}: federation without {site.name}")
+            view = loso_view(cons.root, site.name, out / "loso")
+            run = federated("fedavg", cfg_args, view, out / "loso" / site.name, n - 1, seed)
+            model = HLIP.from_pretrained(run / "model")
+            res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
+                                                     cons.test[site.name], cons.site_labels[site.name])
+    return res
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean, sd over seeds, and the first seed's bootstrap interval, per method (and site)."""
+
+    def block(runs: list[dict]) -> dict:
+        out = {}
+        for name, key in KEYS.items():
+            vals = [r[key] for r in runs if key in r]
+            if not vals:
+                continue
+            out[name] = float(np.mean(vals))
+            out[f"{name}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            lo, hi = runs[0].get(f"{key}-ci-low"), runs[0].get(f"{key}-ci-high")
+            if lo is not None:
+                out[f"{name}_ci95"] = [lo, hi]
+        return out
+
+    summary: dict = {}
+    for method in per_seed[0]:
+        if isinstance(next(iter(per_seed[0][method].values())), dict):  # per-site blocks
+            summary[method] = {s: block([r[method][s] for r in per_seed]) for s in per_seed[0][method]}
+        else:
+            summary[method] = block([r[method] for r in per_seed])
+    if "local" in summary:
+        worst = min(summary["local"], key=lambda s: summary["local"][s].get("zeroshot_auc_mean", 0.0))
+        summary["local_worst"] = {"site": worst, **summary["local"][worst]}
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    rows = ["| method | zero-shot AUC | balanced acc | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"]
+
+    def fmt(b: dict, k: str) -> str:
+        return f"{b[k]:.3f} ± {b.get(k + '_sd', 0):.3f}" if k in b else "–"
+
+    for method, b in summary.items():
+        blocks = b.items() if method in ("local", "loso") else [(None, b)]
+        for site, bb in blocks:
+            if method == "local_worst":
+                site, bb = bb["site"], bb
+            label = method if site is None else f"{method} ({site})"
+            rows.append(f"| {label} | " + " | ".join(fmt(bb, k) for k in KEYS) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, aucs, r5s = [], [], []
+    for method in ("pooled", "fedavg", "fedprox"):
+        if method in summary:
+            labels.append(method)
+            aucs.append(summary[method].get("zeroshot_auc_mean", np.nan))
+            r5s.append(summary[method].get("r5", np.nan))
+    for site, b in summary.get("local", {}).items():
+        labels.append(f"local\n{site}")
+        aucs.append(b.get("zeroshot_auc_mean", np.nan))
+        r5s.append(b.get("r5", np.nan))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(labels)) * 2, 3.5))
+    for ax, vals, title in ((axes[0], aucs, "held-out zero-shot AUC (mean)"), (axes[1], r5s, "held-out R@5")):
+        ax.bar(range(len(vals)), vals, color=["C0" if not lbl.startswith("local") else "C7" for lbl in labels])
+        ax.set_xticks(range(len(vals)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if "AUC" in title:
+            ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", default="demo", help="run preset or YAML (as for flwr run)")
+    parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso")
+    parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
+    args = parser.parse_args(argv)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    data, out = args.data.resolve(), args.out.resolve()
+    if not (data / "sites").is_dir():
+        from hlip_fed.synth.consortium import build_consortium
+
+        log(f"generating the {args.preset} consortium in {data}")
+        build_consortium(data, args.preset, seed=0)
+    overrides = shlex.split(args.overrides)
+    cfg = load_config(files=[args.config] if args.config else [], overrides=overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(out / "cache")
+        overrides = overrides + [f"data.cache_dir={cfg.data.cache_dir}"]
+    cfg_args = {"config": args.config, "overrides": overrides}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cons = Consortium(data, cfg)
+    per_seed = []
+    for seed in range(args.seeds):
+        seed_cfg = load_config(files=[args.config] if args.config else [], overrides=overrides + [f"train.seed={seed}"])
+        per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log))
+    summary = summarise(per_seed)
+    fed = cfg.federation
+    result = {
+        "data": str(data), "seeds": args.seeds, "sites": [s.name for s in cons.sites],
+        "budget_steps": fed.rounds * fed.local_steps * len(cons.sites), "batch_size": cfg.train.batch_size,
+        "rounds": fed.rounds, "local_steps": fed.local_steps, **summary, "per_seed": per_seed,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = markdown(summary)
+    (out / "results.md").write_text(table)
+    plot(summary, out / "results.png")
+    print(table)
+    log(f"wrote {out / 'results.json'}, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
