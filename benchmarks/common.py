@@ -1,0 +1,225 @@
+"""Helpers shared by the benchmarks: machine description, tables, JSON, memory, a small consortium."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(mem_total_bytes() / 2**30, 1) if mem_total_bytes() else None,
+    }
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table; ``columns`` holds ``(key, header, format)`` with format like ``.2f``."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = row.get(key)
+            if v is None:
+                cells.append("–")
+            elif isinstance(v, (int, float)) and fmt:
+                cells.append(format(v, fmt))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str, pid: int | str = "self") -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def mem_total_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kb = _status_kb("VmRSS")
+    if kb is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kb * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs`` 5); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kb * 1024
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of a process tree in a thread; ``peak`` is the largest sum seen.
+
+    Pass extra PIDs (``also``) for processes that are detached from the tree, such as a daemon
+    the root started. Summed RSS counts pages shared between processes once per process.
+    """
+
+    def __init__(self, root: int, interval: float = 0.2, also=None):
+        self.root, self.interval, self.also = root, interval, also
+        self.peak, self.peak_processes = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = set(process_tree(self.root))
+            for extra in (self.also() if self.also else []):
+                pids.update(process_tree(extra))
+            total = sum((_status_kb("VmRSS", p) or 0) * 1024 for p in pids)
+            if total > self.peak:
+                self.peak, self.peak_processes = total, len(pids)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- a small consortium ------------------------------------------------------------------------
+
+PROMPTS = {
+    "lesion-left": ["nothing abnormal on the left side", "a left-sided hyperintense focus"],
+    "lesion-right": ["nothing abnormal on the right side", "a right-sided hyperintense focus"],
+}
+
+
+def write_consortium(root: str | Path, sites: int, train: int = 8, test: int = 2, heldout: int = 4,
+                     shape=(48, 48, 16), max_scans: int = 2, seed: int = 0) -> Path:
+    """A consortium folder in the site layout (NIfTI MR scans with or without a bright blob on one
+    side, a report saying so, ground truth and prompts outside the site folders)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    words = {0: "No focal abnormality.", 1: "Bright lesion in the left hemisphere.",
+             2: "Bright lesion in the right hemisphere."}
+    x, y, z = shape
+
+    def study(folder: Path, kind: int) -> dict:
+        folder.mkdir(parents=True)
+        vol = rng.normal(100, 10, shape).astype(np.float32)
+        if kind:
+            x0 = x // 8 if kind == 1 else x // 2 + x // 8
+            vol[x0:x0 + x // 4, y // 3:2 * y // 3, z // 4:3 * z // 4] += 200
+        for i in range(1 + int(rng.integers(0, max_scans))):
+            img = nib.Nifti1Image(vol + rng.normal(0, 5, shape).astype(np.float32), np.diag([2.0, 2.0, 4.0, 1.0]))
+            nib.save(img, folder / f"scan{i}.nii.gz")
+            (folder / f"scan{i}.json").write_text(json.dumps({"modality": "MR", "sequence": "T1"}))
+        (folder / "report.txt").write_text(words[kind])
+        return {"lesion-left": int(kind == 1), "lesion-right": int(kind == 2)}
+
+    (root / "truth").mkdir(parents=True)
+    for s in range(sites):
+        rows = []
+        for split, n in (("train", train), ("test", test)):
+            for i in range(n):
+                sid = f"s{s}-{split}-{i}"
+                rows.append({"study_id": sid, "split": split,
+                             "labels": study(root / "sites" / f"site{s:02d}" / split / sid, i % 3)})
+        (root / "truth" / f"site{s:02d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"study_id": f"h{i}", "split": "test", "labels": study(root / "heldout" / "test" / f"h{i}", i % 3)}
+            for i in range(heldout)]
+    (root / "truth" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "prompts.json").write_text(json.dumps(PROMPTS))
+    return root
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0

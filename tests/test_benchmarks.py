@@ -1,0 +1,57 @@
+"""Smoke tests of the benchmarks: each runs in a tiny configuration and writes valid JSON.
+No timing is asserted; the figures of a real run are in docs/benchmarks.md."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_flop_bound_matches_the_paper_sized_figures():
+    from benchmarks.attention import bound, forward_macs, preset_spec
+
+    vitb = preset_spec("vit_base_multiscan_h2_token1176")
+    assert bound(vitb, "h2", 1) == pytest.approx(1.0)
+    assert bound(vitb, "h2", 8) == pytest.approx(1.64, abs=0.02)
+    assert bound(vitb, "h2", 40) == pytest.approx(2.44, abs=0.02)
+    assert 2.9 < bound(vitb, "h2", 4000) < 3.0  # a third of the blocks stay study-wide
+    levels = vitb.levels("h2")
+    assert forward_macs(vitb, levels, 8, patch_dropout=0.5) < forward_macs(vitb, levels, 8)
+
+
+def test_attention_benchmark_writes_json(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = run("attention.py", "--quick", "--scans", "2", "--threads", "1", "--patch-dropout", "0.5",
+               "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("throughput_ratio", "bound", "memory_ratio", "memory_ratio_math"):
+        assert isinstance(data[key], float) and math.isfinite(data[key]), key
+    layouts = {(r["kernel"], r["layout"]) for r in data["rows"] if "studies_per_s" in r}
+    assert layouts == {(k, lay) for k in ("fused", "math") for lay in ("full", "h2", "h3")}
+    assert [r["patch_dropout"] for r in data["patch_dropout"]] == [0.0, 0.5]
+    assert "| scans | layout |" in proc.stdout
+
+
+def test_federation_benchmark_writes_json(tmp_path):
+    out = tmp_path / "federation.json"
+    proc = run("federation.py", "--quick", "--json", str(out), timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    o = data["overhead"]
+    assert len(o["flower"]["round_seconds"]) == len(o["direct"]["round_seconds"]) == 2
+    assert o["overhead_ratio"] > 0 and data["bytes_per_site_per_round"] > 0
+    assert data["process_per_message"]["fresh_process_seconds"] > 0
+    assert [r["sites"] for r in data["scaling"]["runs"]] == [2]
+    assert data["scaling"]["runs"][0]["peak_rss_mb"] > 0
