@@ -21,6 +21,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from hlip_fed.model import HLIP
 from hlip_fed.model.tokenizer import ReportTokenizer
+from hlip_fed.progress import progress
 
 DEFAULT_TEMPLATE = "{}"
 
@@ -30,7 +31,7 @@ def embed_images(model: HLIP, loader: Iterable, device: str = "cpu") -> tuple[to
     """Normalised study embeddings ``[N, E]``, the study ids and reports, in loader order."""
     model.eval()
     feats, ids, reports = [], [], []
-    for images, scan_mask, batch_reports, batch_ids in loader:
+    for images, scan_mask, batch_reports, batch_ids in progress(loader, desc="embedding", unit="batch"):
         feats.append(model.encode_image(images.to(device), scan_mask.to(device)).float().cpu())
         ids.extend(batch_ids)
         reports.extend(batch_reports)

@@ -49,3 +49,156 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# --- the round table, the run report and TensorBoard ------------------------------------------
+TABLE_COLUMNS = (
+    ("round", None, "round", "{:d}"),
+    ("train loss", "train", "train-loss", "{:.3f}"),
+    ("held-out AUC", "heldout", "auc-mean", "{:.3f}"),
+    ("R@1", "heldout", "r1", "{:.3f}"),
+    ("R@5", "heldout", "r5", "{:.3f}"),
+    ("R@10", "heldout", "r10", "{:.3f}"),
+    ("site AUC", "eval", "auc-mean", "{:.3f}"),
+)
+
+
+def round_table(rounds: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the round table (``-`` where a round lacks a metric)."""
+    header = [c[0] for c in TABLE_COLUMNS] + ["sites", "rejected"]
+    rows = []
+    for r in rounds:
+        row = []
+        for _, section, key, fmt in TABLE_COLUMNS:
+            value = r.get(key) if section is None else (r.get(section) or {}).get(key)
+            row.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
+        row += [str(len(r.get("train_sites") or {})), str(len(r.get("rejected") or []))]
+        rows.append(row)
+    return header, rows
+
+
+def format_round_table(rounds: list[dict]) -> str:
+    header, rows = round_table(rounds)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_run_report(run_dir: str | Path, fmt: str = "html", out: str | Path | None = None) -> Path:
+    """A self-contained summary of a run: the round table, the curves and the model card.
+
+    ``fmt="html"`` embeds the curves PNG as base64 so the one file can be mailed or archived;
+    ``fmt="md"`` links the ``curves.png`` written beside it.
+    """
+    import base64
+    import html
+
+    if fmt not in ("html", "md"):
+        raise ValueError(f"report format must be html or md, not {fmt!r}")
+    run = Path(run_dir)
+    rounds = read_rounds(run)
+    path = Path(out) if out else run / f"report.{fmt}"
+    curves = plot_run(run, path.with_name("curves.png") if out else None)
+    header, rows = round_table(rounds)
+    card = run / "model" / "MODEL_CARD.md"
+    card_text = card.read_text() if card.is_file() else None
+    last = rounds[-1] if rounds else {}
+    summary = (f"{len(rounds)} completed round(s); final model "
+               + ("in model/" if (run / "model" / "model.safetensors").is_file() else "not saved yet"))
+    if fmt == "md":
+        parts = [f"# Run report: {run.name}", "", summary, "", _markdown_table(header, rows), ""]
+        if curves:
+            parts += [f"![curves]({curves.name})", ""]
+        if last.get("rejected"):
+            parts += ["Rejected updates in the last round:", "",
+                      *[f"- node {x.get('node')}: {x.get('reason')}" for x in last["rejected"]], ""]
+        if card_text:
+            parts += ["---", "", card_text.replace("# Model card", "## Model card", 1)]
+        path.write_text("\n".join(parts))
+        return path
+    esc = html.escape
+    table = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    img = ""
+    if curves:
+        data = base64.b64encode(curves.read_bytes()).decode()
+        img = f'<p><img alt="curves" src="data:image/png;base64,{data}" style="max-width:100%"></p>'
+    card_html = f"<h2>Model card</h2><pre>{esc(card_text)}</pre>" if card_text else ""
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>hlip-fed run {esc(run.name)}</title><style>body{{font-family:sans-serif;margin:2em;max-width:70em}}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
+        "pre{white-space:pre-wrap;background:#f6f6f6;padding:1em}</style></head><body>"
+        f"<h1>Run report: {esc(run.name)}</h1><p>{esc(summary)}</p>{table}{img}{card_html}</body></html>")
+    return path
+
+
+_WRITERS: dict[str, object] = {}
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    """``section/metric -> value`` of a round record's numeric metrics (per-site detail left out)."""
+    out = {}
+    for section in ("train", "heldout", "eval"):
+        for key, value in (record.get(section) or {}).items():
+            if isinstance(value, (int, float)) and not key.endswith("-count"):
+                out[f"{section}/{key}"] = float(value)
+    out["sites/trained"] = float(len(record.get("train_sites") or {}))
+    out["sites/rejected"] = float(len(record.get("rejected") or []))
+    return out
+
+
+def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
+    """Add one round's metrics to the TensorBoard event files in ``RUN_DIR/tensorboard``.
+
+    Called once per completed round (``record`` is the line written to ``metrics.jsonl``, with its
+    ``round``). Returns False, once logging why, when TensorBoard is not installed: the run goes on.
+    """
+    key = str(Path(run_dir).resolve())
+    writer = _WRITERS.get(key)
+    if writer is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if key not in _WRITERS:
+                import logging
+
+                logging.getLogger("hlip_fed.report").warning(
+                    "tensorboard is not installed: no event files (pip install tensorboard)")
+                _WRITERS[key] = False
+            return False
+        writer = _WRITERS[key] = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    if writer is False:
+        return False
+    step = int(record["round"])
+    for tag, value in _scalars(record).items():
+        writer.add_scalar(tag, value, step)
+    writer.flush()
+    return True
+
+
+def export_tensorboard(run_dir: str | Path) -> Path | None:
+    """Rewrite ``RUN_DIR/tensorboard`` from ``metrics.jsonl`` (for runs made before the hook)."""
+    import shutil
+
+    run = Path(run_dir)
+    rounds = read_rounds(run)
+    if not rounds:
+        return None
+    close_tensorboard(run)
+    shutil.rmtree(run / "tensorboard", ignore_errors=True)
+    ok = all(tensorboard_round(run, r) for r in rounds)
+    close_tensorboard(run)
+    return run / "tensorboard" if ok else None
+
+
+def close_tensorboard(run_dir: str | Path) -> None:
+    writer = _WRITERS.pop(str(Path(run_dir).resolve()), None)
+    if writer:
+        writer.close()

@@ -20,6 +20,7 @@ import torch
 from hlip_fed.config import TrainConfig
 from hlip_fed.model import HLIP
 from hlip_fed.model.tokenizer import ReportTokenizer
+from hlip_fed.progress import progress
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, scan_mask, reports, ids
 
@@ -107,6 +108,7 @@ def train_steps(
     stats = TrainStats()
     model.train()
     t0 = time.perf_counter()
+    bar = progress(total=steps, desc="local training", unit="step")
     for i in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(start_step + i, cfg, total_steps)
@@ -131,7 +133,10 @@ def train_steps(
         model.clamp_logit_scale()
         stats.steps += 1
         stats.losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
         if on_step is not None:
             on_step(start_step + i, step_loss)
+    bar.close()
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -25,6 +25,8 @@ from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpo
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.model_card import provenance_from_run, write_model_card
+from hlip_fed.report import tensorboard_round
 
 log = logging.getLogger("hlip_fed.federation")
 
@@ -103,7 +105,11 @@ class Coordinator:
         )
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"round": server_round, **record}, sort_keys=True) + "\n")
+        tensorboard_round(self.run_dir, {"round": server_round, **record})
 
     def finish(self, arrays: dict[str, torch.Tensor]) -> Path:
+        """Save the final global model with its model card (provenance, intended use, licences)."""
         set_arrays(self.model, arrays)
-        return self.model.save_pretrained(self.run_dir / "model")
+        path = self.model.save_pretrained(self.run_dir / "model")
+        write_model_card(path, provenance_from_run(self.run_dir, self.cfg, self.data_root))
+        return path

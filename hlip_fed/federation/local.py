@@ -105,9 +105,14 @@ _SITES: dict[tuple, LocalSite] = {}
 
 
 def local_site(run_id: int, cfg: Config, site: Site) -> LocalSite:
-    """The process-wide :class:`LocalSite` of this run and site, built on first use."""
+    """The process-wide :class:`LocalSite` of this run and site, built on first use.
+
+    A simulation worker serves several sites in turn, so every site of the current run is kept;
+    sites of earlier runs are dropped to free their models.
+    """
     key = (run_id, site.name, str(site.data_dir))
     if key not in _SITES:
-        _SITES.clear()  # one run at a time per process: free the previous run's model
+        for old in [k for k in _SITES if k[0] != run_id]:
+            del _SITES[old]
         _SITES[key] = LocalSite(cfg, site)
     return _SITES[key]

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from hlip_fed.errors import HlipError
+from hlip_fed.progress import progress
 from hlip_fed.synth.findings import FINDINGS, FINDING_TITLES
 from hlip_fed.synth.prompts import PROMPTS
 from hlip_fed.synth.render import StudyPlan, render_study
@@ -116,13 +116,6 @@ def generate_study(plan: StudyPlan, out: Path) -> dict:
     }
 
 
-def _progress(total: int):
-    from tqdm import tqdm
-
-    disable = bool(os.environ.get("CI")) or not sys.stderr.isatty()
-    return tqdm(total=total, desc="synth", unit="study", disable=disable)
-
-
 def _worker_init() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -147,7 +140,7 @@ def build_consortium(out: Path, preset_name: str = "demo", sites: int | None = N
     plans = [plan for cohort in cohorts.values() for plan in cohort]
     head_atlas()  # built once here, inherited by forked workers
     records: dict[str, list[dict]] = {name: [] for name in cohorts}
-    with _progress(len(plans)) as bar:
+    with progress(total=len(plans), desc="synth", unit="study") as bar:
         if workers > 1:
             import multiprocessing as mp
 

@@ -1,0 +1,84 @@
+"""Run reports, TensorBoard events, model cards and progress bars."""
+
+import json
+
+from hlip_fed.cli import main
+
+
+def fake_run(run_dir, rounds=3):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r in range(1, rounds + 1):
+        lines.append(json.dumps({
+            "round": r, "train": {"train-loss": 3.0 - 0.5 * r}, "heldout": {"auc-mean": 0.5 + 0.05 * r, "r1": 0.1 * r, "r5": 0.2 * r, "r10": 0.3 * r},
+            "train_sites": {"11": {"num-examples": 16.0}, "22": {"num-examples": 8.0}}, "rejected": []}))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def test_report_prints_the_table_and_writes_self_contained_html_and_markdown(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    assert main(["report", str(run), "--tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out AUC" in out and "0.650" in out and out.count("\n") >= 4
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html and (run / "curves.png").is_file()
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    assert main(["report", str(run), "--format", "md", "--out", str(tmp_path / "r.md")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| round |" in md and "![curves](curves.png)" in md and (tmp_path / "curves.png").is_file()
+    assert main(["report", str(tmp_path / "empty")]) == 2 and "not found" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hlip_fed.report import close_tensorboard, read_rounds, tensorboard_round
+
+    run = fake_run(tmp_path / "run")
+    for rec in read_rounds(run):
+        assert tensorboard_round(run, rec)
+    close_tensorboard(run)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("heldout/auc-mean")] == [1, 2, 3]
+    assert acc.Scalars("train/train-loss")[-1].value == 1.5
+
+
+def test_model_card_records_provenance_intended_use_and_licences(tmp_path):
+    from hlip_fed.config import load_config
+    from hlip_fed.model_card import provenance_from_run, write_model_card
+
+    run = fake_run(tmp_path / "run")
+    (tmp_path / "data" / "site").mkdir(parents=True)
+    (tmp_path / "data" / "site" / "a.txt").write_text("x")
+    prov = provenance_from_run(run, load_config("tiny"), tmp_path / "data", site_names=["north", "south"])
+    assert prov["rounds"] == 3 and prov["sites"] == {"north": 48, "south": 24} and len(prov["data_hash"]) == 16
+    path = write_model_card(run / "model", prov)
+    card = path.read_text()
+    for needle in ("| rounds | 3 |", "north", "Apache-2.0", "MNI152", "Louis Collins", "2505.21862", "synthetic", "fedavg"):
+        assert needle in card, needle
+    data = json.loads((run / "model" / "model_card.json").read_text())
+    assert data["training"]["config_hash"] == prov["config_hash"] and data["code_version"]
+
+
+def test_progress_bars_are_quiet_off_a_terminal_and_in_ci(monkeypatch, capsys):
+    import io
+
+    from hlip_fed import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert progress.enabled(Tty()) and not progress.enabled(io.StringIO())
+    monkeypatch.setenv("CI", "true")
+    assert not progress.enabled(Tty())
+    monkeypatch.setenv(progress.ENV, "1")
+    assert progress.enabled(io.StringIO())
+    monkeypatch.setenv(progress.ENV, "0")
+    assert list(progress.progress(range(3), desc="x")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
