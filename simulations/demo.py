@@ -4,7 +4,10 @@
 2. writes a project-local Flower home with one simulated SuperNode per site,
 3. runs ``flwr run . local-simulation --stream`` (progress streams to the terminal),
 4. judges the run by the files it wrote (``flwr run --stream`` exits 0 even when the ServerApp
-   fails) and prints the round table and where the checkpoint, metrics and plot are.
+   fails) and prints the round table,
+5. trains the reference points at equal compute — one pooled model on every site's data and each
+   site alone (see :mod:`simulations.compare`) — and prints federated vs pooled vs local on the
+   held-out set, then where the checkpoint, metrics and plot are.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.report import plot_run, read_rounds
+from hlip_fed.report import format_round_table, plot_run, read_rounds
 from simulations.flower_home import flower_env, local_superlink_pids, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +45,24 @@ def stop_local_superlink(home: Path) -> None:
             pass
 
 
-def print_table(rounds: list[dict]) -> None:
-    print("\nround  train loss  held-out AUC (mean)  held-out R@1  R@5   R@10  sites  rejected")
-    for r in rounds:
-        h = r.get("heldout", {})
-        print(f"{r['round']:5d}  {r.get('train', {}).get('train-loss', float('nan')):10.3f}  "
-              f"{h.get('auc-mean', float('nan')):19.3f}  {h.get('r1', float('nan')):12.3f}  "
-              f"{h.get('r5', float('nan')):4.3f} {h.get('r10', float('nan')):5.3f}  "
-              f"{len(r.get('train_sites', {})):5d}  {len(r.get('rejected', [])):8d}")
+def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> None:
+    """Federated vs pooled vs local-only at the same compute, all on the held-out set."""
+    import shlex
+
+    from hlip_fed.config import load_config
+    from hlip_fed.model import HLIP, create_tokenizer
+    from simulations.compare import Consortium, heldout_metrics, markdown, run_seed, summarise
+
+    extra = shlex.split(overrides) + [f"data.cache_dir={run / 'baselines' / 'cache'}", f"train.seed={seed}"]
+    cfg = load_config(files=["demo"], overrides=extra)
+    print("\ntraining the references at equal compute: pooled, then each site alone ...", flush=True)
+    cons = Consortium(data, cfg)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    result = run_seed(cons, cfg, {"config": "demo", "overrides": extra}, run / "baselines", seed, ["pooled", "local"], log)
+    result["fedavg"] = heldout_metrics(HLIP.from_pretrained(run / "model"), create_tokenizer(cfg.model), cons)
+    table = markdown(summarise([result]))
+    (run / "comparison.md").write_text(table)
+    print("\nheld-out set, equal compute (mean over 1 seed):\n" + table)
 
 
 def main() -> int:
@@ -59,6 +72,7 @@ def main() -> int:
     parser.add_argument("--flower-home", default=".flwr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overrides", default="", help="dotted config overrides for the run")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the pooled and local-only references")
     args = parser.parse_args()
     data, run, home = (Path(p).resolve() for p in (args.data, args.run_dir, args.flower_home))
     ensure_consortium(data, args.seed)
@@ -76,12 +90,16 @@ def main() -> int:
     if not rounds or not (run / "model" / "model.safetensors").exists():
         print(f"the federated run did not complete: see the log above and {run}", file=sys.stderr)
         return 1
-    print_table(rounds)
+    print("\n" + format_round_table(rounds))
     plot_run(run)
+    if not args.no_baselines:
+        compare_with_baselines(data, run, overrides, args.seed)
     print(f"\nglobal model:   {run / 'model'}")
     print(f"checkpoints:    {run / 'checkpoints'}")
     print(f"metrics:        {run / 'metrics.jsonl'}")
     print(f"curves:         {run / 'curves.png'}")
+    if not args.no_baselines:
+        print(f"comparison:     {run / 'comparison.md'}")
     return 0
 
 
