@@ -46,7 +46,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import TreeMemorySampler, machine, table, write_consortium, write_json  # noqa: E402
+from benchmarks.common import TreeMemorySampler, machine, table, write_json  # noqa: E402
+from simulations.toy_consortium import write_consortium  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEXT = [  # a one-layer random BERT on MiniLM's vocabulary (the tests' text tower)

@@ -1,18 +1,20 @@
 """hlip-fed ClientApp: one hospital trains its local HLIP copy and evaluates the global model.
 
 Everything a site does lives in :mod:`hlip_fed.federation.local`; this file only moves Flower
-records in and out. The reply holds the federated arrays and scalar metrics, nothing else, and
-every reply (an error too) is appended to the site's audit log
-(:mod:`hlip_fed.federation.audit`) before it is handed to Flower.
+records in and out. The reply holds the federated arrays (encoded for ``federation.transport``:
+fp32, fp16 or bf16 bit patterns, weights or deltas; see :mod:`hlip_fed.federation.transport`) and
+scalar metrics, nothing else, and every reply (an error too) is appended to the site's audit log
+(:mod:`hlip_fed.federation.audit`) as encoded, i.e. as it leaves, before it is handed to Flower.
 """
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from hlip_fed.deploy.fault_injection import inject, requested_fault
 from hlip_fed.federation.audit import append_audit, audit_entry
 from hlip_fed.federation.local import local_site
 from hlip_fed.federation.run import Site, config_from_run, prompts_from_config, resolve_site
+from hlip_fed.federation.transport import encode_arrays, to_array_record
 
 app = ClientApp()
 
@@ -49,7 +51,10 @@ def train(msg: Message, context: Context) -> Message:
         )
         if fault:
             arrays = inject(fault, arrays, received)
-        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+        # What leaves the site: the arrays (or the update) in the run's transport dtype.
+        fed = local.cfg.federation
+        sent = encode_arrays(arrays, received, fed.transport, fed.send_deltas)
+        return RecordDict({"arrays": to_array_record(sent), "metrics": MetricRecord(metrics)})
 
     return _reply(msg, context, site, content)
 

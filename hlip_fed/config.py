@@ -99,8 +99,11 @@ class DataConfig:
     # How a resampled volume is brought to ``model.vision.img_size``: "crop" (centre pad/crop) or
     # "resize" (trilinear interpolation of the whole field of view).
     fit: str = "resize"
-    mean: float = 0.0  # scalar normalisation after intensity scaling
-    std: float = 1.0
+    # Scalar normalisation after intensity scaling to [0, 1]: HLIP uses the mean of ImageNet's
+    # channel means and stds, which centres the voxels and makes them comparable in size to the
+    # frozen position embeddings (with 0/1 the patch signal is drowned by them).
+    mean: float = 0.449
+    std: float = 0.226
     max_scans: int = 4  # scans kept per study (the first ones in manifest order)
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     num_workers: int = 0
@@ -120,6 +123,10 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA)
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # Reuse a locked text encoder's pooled report features across steps and rounds instead of running
+    # the encoder every step (hlip_fed/model/text_cache.py). Used only with model.text.lock and
+    # without shuffle_sentences (a shuffled report is a new text every step).
+    text_cache: bool = True
     log_every: int = 1
 
 
@@ -134,6 +141,12 @@ class FederationConfig:
     server_lr: float = 1e-3
     trim_fraction: float = 0.2
     groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
+    # What a site's reply carries (hlip_fed/federation/transport.py): its arrays in fp32, fp16 or
+    # bf16 (sent as uint16 bit patterns), and with send_deltas the update w_site - w_global instead
+    # of the weights. The server decodes to fp32 before screening and aggregation; the global model
+    # always goes out in fp32.
+    transport: str = "fp32"
+    send_deltas: bool = False
     round_timeout_s: float = 600.0
     # Update screening: reject a site whose update norm |w_site - w_global| is more than this many
     # times the round's (lower) median update norm; 0 disables it.
@@ -142,6 +155,14 @@ class FederationConfig:
     # round goes ahead with the connected sites if there are at least `quorum`, else the run stops.
     node_wait_s: float = 600.0
     quorum: int = 1
+    # Differential privacy (server/privacy.py): off, or server_fixed (central DP, the server clips
+    # every site's update to dp_clipping_norm and adds Gaussian noise of std
+    # dp_noise_multiplier * dp_clipping_norm / sites to the average). Site-level (epsilon, delta)
+    # is accounted per round at dp_delta with Flower's RDP accountant (needs flwr[dp]).
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
 
 @dataclass
@@ -263,6 +284,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.node_wait_s must be positive: waiting for sites is bounded")
     if not 1 <= fed.quorum <= max(fed.min_nodes, 1):
         raise ConfigError(f"federation.quorum must be between 1 and federation.min_nodes ({fed.min_nodes})")
+    if fed.dp not in ("off", "server_fixed"):
+        raise ConfigError(f"federation.dp must be off or server_fixed, not {fed.dp!r}")
+    if fed.dp != "off":
+        if fed.strategy.lower() not in ("fedavg", "fedprox"):
+            raise ConfigError(f"federation.dp={fed.dp} needs strategy fedavg or fedprox (Flower's accountant "
+                              f"requires its unmodified FedAvg aggregation), not {fed.strategy!r}")
+        if not (fed.dp_noise_multiplier > 0 and fed.dp_clipping_norm > 0):
+            raise ConfigError("federation.dp_noise_multiplier and federation.dp_clipping_norm must be positive")
+        if not 0 < fed.dp_delta < 1:
+            raise ConfigError("federation.dp_delta must be strictly between 0 and 1")
+    if fed.transport not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"federation.transport must be fp32, fp16 or bf16, not {fed.transport!r}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {cfg.train.precision!r}")
 

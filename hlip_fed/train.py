@@ -3,7 +3,8 @@
 ``train_steps`` is the single training loop of the project; centralised training, local-only
 baselines and every federated client call it. It supports gradient accumulation (bigger effective
 batches for InfoNCE at small sites), autocast, gradient clipping, CLIP's logit-scale clamp after each
-step, and FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters.
+step, FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters, and a
+cache of a locked text encoder's report features (:mod:`hlip_fed.model.text_cache`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from hlip_fed.config import TrainConfig
 from hlip_fed.model import HLIP
+from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
 from hlip_fed.progress import progress
 
@@ -63,6 +66,14 @@ def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
 
 
+def _text_features(model: HLIP, tokenizer: ReportTokenizer, reports: list[str], cfg: TrainConfig,
+                   device: torch.device) -> torch.Tensor:
+    """Pooled text-encoder features of ``reports`` as the training forward computes them."""
+    tokens = tokenizer(reports)  # the cache is off with shuffle_sentences: the training text is this
+    with autocast(cfg):
+        return model.text.features(**{k: v.to(device) for k, v in tokens.items()})
+
+
 def cycle(loader, seed: int) -> Iterator[Batch]:
     """Endless batches: a new shuffled pass whenever the previous one ends (seeded per pass)."""
     epoch = 0
@@ -90,12 +101,16 @@ def train_steps(
     proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     on_step=None,
+    text_cache: TextFeatureCache | None = None,
 ) -> TrainStats:
     """Run ``steps`` optimiser steps of ``cfg.grad_accum`` micro-batches each.
 
     ``start_step``/``total_steps`` place these steps on the learning-rate schedule (a federated
     round continues the schedule of the rounds before it). With ``proximal_mu > 0`` the loss gains
     FedProx's term towards ``anchor`` (name -> tensor, normally the global weights of the round).
+    With ``text_cache`` (a locked text encoder only) the report features before ``text.proj``
+    come from the cache and the encoder runs only for reports it has not seen; the loss is the
+    same function of the trainable weights (see :mod:`hlip_fed.model.text_cache`).
     """
     device = torch.device(cfg.device)
     optimizer = optimizer or make_optimizer(model, cfg)
@@ -116,10 +131,17 @@ def train_steps(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             images, scan_mask, reports, _ids = next(batches)
-            tokens = tokenizer(reports, train=True, rng=rng)
-            with autocast(cfg):
-                out = model(images.to(device), scan_mask.to(device), **{k: v.to(device) for k, v in tokens.items()})
-                loss = model.loss(out["image"].float(), out["text"].float())
+            if text_cache is not None:
+                features = text_cache.features(reports, lambda r: _text_features(model, tokenizer, r, cfg, device))
+                with autocast(cfg):
+                    image = model.encode_image(images.to(device), scan_mask.to(device))
+                    text = F.normalize(model.text.proj(features.to(device)), dim=-1)
+                    loss = model.loss(image.float(), text.float())
+            else:
+                tokens = tokenizer(reports, train=True, rng=rng)
+                with autocast(cfg):
+                    out = model(images.to(device), scan_mask.to(device), **{k: v.to(device) for k, v in tokens.items()})
+                    loss = model.loss(out["image"].float(), out["text"].float())
             if prox:
                 loss = loss + 0.5 * proximal_mu * sum((params[k] - w).pow(2).sum() for k, w in prox.items())
             (loss / cfg.grad_accum).backward()

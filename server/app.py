@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hlip_fed.federation.coordinator import Coordinator
+from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
 from hlip_fed.report import plot_run
 from server.strategy import build_strategy
@@ -35,7 +36,8 @@ def main(grid: Grid, context: Context) -> None:
         return
     # Nodes of the last completed round, so a stalled resume can say which sites it misses.
     known = [int(n) for n in (coord.resumed.state.get("train_sites", {}) if coord.resumed else {})]
-    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known)
+    ledger = coord.resumed.state.get(PRIVACY_LEDGER) if coord.resumed else None  # DP accounting so far
+    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known, ledger)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and coord.offset:

@@ -3,6 +3,9 @@
 ``build_strategy`` takes a Flower Message-API strategy named by ``federation.strategy`` (robust
 aggregation: ``fedmedian`` or ``fedtrimmedavg``) and adds through :class:`HlipStrategy`:
 
+* replies sent in ``federation.transport`` fp16/bf16, or as deltas, are decoded to fp32 weights
+  first (:func:`~hlip_fed.federation.transport.decode_replies`), so screening and every
+  aggregation see fp32 weights (Flower's FedAvg would otherwise average in the wire dtype);
 * replies are screened before Flower sees them, first their form
   (:func:`~hlip_fed.federation.screen.screen_replies`), then the size of each site's update
   against the round's global model (:func:`~hlip_fed.federation.screen.screen_update_norms`), so
@@ -31,6 +34,7 @@ from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import aggregate_site_metrics
 from hlip_fed.federation.screen import screen_replies, screen_update_norms
+from hlip_fed.federation.transport import decode_replies
 
 log = logging.getLogger("hlip_fed.server")
 
@@ -132,8 +136,11 @@ class HlipStrategy:
             return self._remember(super().configure_train(server_round + self.offset, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies):
-        replies = list(replies)
+        # Compressed replies (fp16/bf16, deltas) become fp32 weights before anything judges them.
+        replies, undecodable = decode_replies(list(replies), self._global, self.fed.transport,
+                                              self.fed.send_deltas, node_of=self._node_of)
         good, rejected = screen_replies(replies, self.expected, node_of=self._node_of)
+        rejected = undecodable + rejected
         norms: dict[int, float] = {}
         if self._global and good:
             good, too_large, norms = screen_update_norms(good, self._global, self.fed.max_update_ratio)
@@ -202,7 +209,8 @@ class HlipStrategy:
 
 
 def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None,
-                   known_nodes: Iterable[int] = ()):
+                   known_nodes: Iterable[int] = (), privacy_ledger: dict | None = None):
+    """The run's strategy; ``privacy_ledger`` (from the resumed checkpoint) continues DP accounting."""
     name = fed.strategy.lower()
     if name not in BASES:
         raise HlipError(f"federation.strategy {fed.strategy!r} is not one of {', '.join(BASES)}")
@@ -221,6 +229,10 @@ def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: di
         extra["beta"] = max(fed.trim_fraction, 1.0 / fed.min_nodes + 1e-9)
         if extra["beta"] >= 0.5:
             raise HlipError(f"fedtrimmedavg needs at least 3 sites (federation.min_nodes={fed.min_nodes})")
+    if fed.dp != "off":  # central DP wraps Flower's DP strategy around an unweighted FedAvg/FedProx
+        from server.privacy import build_private_strategy
+
+        return build_private_strategy(base, fed, expected, offset, common, extra, known_nodes, privacy_ledger)
     cls = type(f"Hlip{base.__name__}", (HlipStrategy, base), {})
     strategy = cls(**common, **extra)
     strategy.setup(expected, offset, fed, known_nodes)

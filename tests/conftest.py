@@ -34,50 +34,26 @@ FAST_RUN = TINY_BERT + [
     "train.warmup_steps=1",
 ]
 
-FINDINGS = ("lesion-left", "lesion-right")
-
-
 def write_mini_consortium(root, sites=3, train=4, test=2, heldout=4, seed=0):
-    """A consortium folder in the site layout: NIfTI scans with a bright blob on one side or
-    none, a report saying so, ground truth and prompts kept outside the site folders."""
-    import json
-    from pathlib import Path
+    """Three small sites of 32x32x16 NIfTI studies with a bright block left, right or nowhere."""
+    from simulations.toy_consortium import write_consortium
 
-    import nibabel as nib
-    import numpy as np
+    return write_consortium(root, sites=sites, train=train, test=test, heldout=heldout, shape=(32, 32, 16), seed=seed)
 
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    words = {0: "No focal abnormality.", 1: "Bright lesion in the left hemisphere.", 2: "Bright lesion in the right hemisphere."}
 
-    def study(folder, kind):
-        folder.mkdir(parents=True)
-        vol = rng.normal(100, 10, (32, 32, 16)).astype(np.float32)
-        if kind:
-            x0 = 4 if kind == 1 else 20
-            vol[x0 : x0 + 8, 12:20, 4:12] += 200
-        for i in range(1 + int(rng.integers(0, 2))):
-            nib.save(nib.Nifti1Image(vol + rng.normal(0, 5, vol.shape).astype(np.float32), np.diag([2.0, 2.0, 4.0, 1.0])),
-                     folder / f"scan{i}.nii.gz")
-            (folder / f"scan{i}.json").write_text(json.dumps({"modality": "MR", "sequence": "T1"}))
-        (folder / "report.txt").write_text(words[kind])
-        return {"lesion-left": int(kind == 1), "lesion-right": int(kind == 2)}
+class FakeGrid:
+    """The part of Flower's Grid that node sampling uses: which nodes are connected right now."""
 
-    (root / "truth").mkdir(parents=True)
-    for s in range(sites):
-        rows = []
-        for split, n in (("train", train), ("test", test)):
-            for i in range(n):
-                sid = f"s{s}-{split}-{i}"
-                rows.append({"study_id": sid, "split": split, "labels": study(root / "sites" / f"site{s}" / split / sid, i % 3)})
-        (root / "truth" / f"site{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rows = [{"study_id": f"h{i}", "split": "test", "labels": study(root / "heldout" / "test" / f"h{i}", i % 3)} for i in range(heldout)]
-    (root / "truth" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "prompts.json").write_text(json.dumps({
-        "lesion-left": ["nothing abnormal on the left side", "a left-sided hyperintense focus"],
-        "lesion-right": ["nothing abnormal on the right side", "a right-sided hyperintense focus"],
-    }))
-    return root
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        from flwr.app import Message
+
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
 
 @pytest.fixture(scope="session")

@@ -12,22 +12,10 @@ from hlip_fed.config import FederationConfig, load_config
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.screen import screen_update_norms, update_norm
 from server.strategy import build_strategy, wait_for_nodes
+from conftest import FakeGrid
 
 EXPECTED = {"w": (2, 2), "b": (2,)}
 GLOBAL = {"w": np.full((2, 2), 5.0, np.float32), "b": np.ones(2, np.float32)}
-
-
-class FakeGrid:
-    """The part of Flower's Grid that sampling uses: which nodes are connected right now."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
 
 def _reply(node, arrays, n=10, reply_to="x"):

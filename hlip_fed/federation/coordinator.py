@@ -38,7 +38,7 @@ def resume_hash(cfg: Config) -> str:
     fed = dataclasses.replace(
         cfg.federation, rounds=0, round_timeout_s=0.0, node_wait_s=1.0, quorum=1, max_update_ratio=0.0
     )
-    train = dataclasses.replace(cfg.train, threads=0, device="cpu")
+    train = dataclasses.replace(cfg.train, threads=0, device="cpu", text_cache=False)
     data = dataclasses.replace(cfg.data, num_workers=0, cache_dir=None)
     return config_hash(dataclasses.replace(cfg, federation=fed, train=train, data=data))
 

@@ -5,7 +5,9 @@ training and test loaders, its labels. Building these costs seconds (the text en
 index), so :func:`local_site` keeps one per process keyed by run and site: in simulation, and in a
 SuperNode that keeps its ClientApp process, later rounds reuse them. What must survive a fresh
 process (the optimiser moments) is written to the site's state folder after every round and read
-back from the previous round's file only, so a repeated round starts from the same state.
+back from the previous round's file only, so a repeated round starts from the same state; so are
+the locked text encoder's report features (:mod:`hlip_fed.model.text_cache`), computed once per
+report and site.
 
 Only the federated arrays and scalar metrics leave :meth:`LocalSite.train_round` and
 :meth:`LocalSite.evaluate`; no voxel, report text or study id does.
@@ -24,9 +26,11 @@ from torch.utils.data import DataLoader
 from hlip_fed.config import Config
 from hlip_fed.data.dataset import SiteDataset, collate_studies
 from hlip_fed.evaluate import evaluate
-from hlip_fed.federation.params import count_bytes, federated_keys, get_arrays, set_arrays
+from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
 from hlip_fed.federation.run import Site, read_labels
+from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.model.text_cache import TextFeatureCache, usable
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
 log = logging.getLogger("hlip_fed.federation")
@@ -50,6 +54,11 @@ class LocalSite:
         self.train_set = SiteDataset(site.data_dir, cfg.data, img, split="train")
         self.test_set = SiteDataset(site.data_dir, cfg.data, img, split="test")
         self.labels = read_labels(site.truth_path)
+        # A locked text encoder's report features, reused across steps and rounds (kept on site).
+        self.text_cache = None
+        if cfg.train.text_cache and usable(cfg.model.text):
+            self.text_cache = TextFeatureCache.for_model(
+                self.model, self.tokenizer, cfg.train.precision, cfg.train.device, site.state_dir / "text-features")
 
     def _optimizer_file(self, server_round: int) -> Path:
         return self.site.state_dir / f"optimizer-round-{server_round:04d}.pt"
@@ -78,7 +87,10 @@ class LocalSite:
             self.model, self.tokenizer, cycle(loader, seed), cfg.train, fed.local_steps,
             optimizer=optimizer, start_step=(server_round - 1) * fed.local_steps,
             total_steps=fed.rounds * fed.local_steps, proximal_mu=proximal_mu, anchor=anchor,
+            text_cache=self.text_cache,
         )
+        if self.text_cache is not None:
+            self.text_cache.flush()
         torch.save(optimizer.state_dict(), self._optimizer_file(server_round))
         for old in self.site.state_dir.glob("optimizer-round-*.pt"):
             if old.name < self._optimizer_file(server_round - 1).name:
@@ -89,7 +101,7 @@ class LocalSite:
             "train-loss": float(stats.loss),
             "train-seconds": float(time.perf_counter() - t0),
             "train-steps": float(stats.steps),
-            "bytes-sent": float(count_bytes(arrays)),
+            "bytes-sent": float(wire_bytes(arrays, fed.transport)),  # as encoded by the transport
         }
         log.info("site %s round %d: loss %.4f, %d examples, %.1f s", self.site.name, server_round,
                  stats.loss, stats.examples, metrics["train-seconds"])
