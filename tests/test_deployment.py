@@ -1,8 +1,9 @@
 """A hospital deployment on loopback with the operator commands and real Flower daemons.
 
 One server (``hlip-fed server start``: SuperLink + fleet gateway, TLS, node authentication) and
-three sites (``hlip-fed site start``), enrolled with ``hlip-fed site enroll``. site0 is honest,
-site1 is killed with SIGKILL mid-round and restarted, site2 misbehaves through its node config
+three sites (``hlip-fed site start``) of a small phantom consortium (the demo preset: NIfTI and DICOM
+sites, real reports), enrolled with ``hlip-fed site enroll``. The first site is honest,
+the second is killed with SIGKILL mid-round and restarted, the third misbehaves through its node config
 (NaN, 1000x update, missing key in rounds 1, 2, 3). The SuperLink is killed after round 2 and
 restarted; a new run with the same run folder resumes at round 3. Every daemon is started with
 HTTP(S) proxies pointing at a local trap, so any telemetry or other outbound request would be
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[1]
 HLIP = [sys.executable, "-m", "hlip_fed.cli"]
-HONEST, KILLED, BAD = "site0", "site1", "site2"
+HONEST, KILLED, BAD = "northgate-stroke", "riverside-oncology", "st-mary-general"  # demo preset sites
 OVERRIDES = FAST_RUN + ["federation.rounds=3", "federation.round_timeout_s=150",
                         "federation.node_wait_s=120", "train.threads=1"]
 
@@ -190,8 +191,18 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory, mini_consortium):
-    d = Deployment(tmp_path_factory.mktemp("deployment"), mini_consortium)
+def phantom_consortium(tmp_path_factory):
+    """Three sites of the demo preset, six studies each: the real file formats at CI size."""
+    from hlip_fed.synth.consortium import build_consortium
+
+    root = tmp_path_factory.mktemp("phantoms") / "consortium"
+    build_consortium(root, "demo", sites=3, studies=6, heldout=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory, phantom_consortium):
+    d = Deployment(tmp_path_factory.mktemp("deployment"), phantom_consortium)
     try:
         d.start_server()
         for name in (HONEST, KILLED, BAD):
@@ -211,7 +222,7 @@ def dep(tmp_path_factory, mini_consortium):
 
 
 def test_unenrolled_key_refused_and_a_site_cannot_enroll_or_start_a_run(dep):
-    rogue = dep.start_node("site0", key=dep.rogue)
+    rogue = dep.start_node(HONEST, key=dep.rogue)
     _wait(lambda: not rogue.running(), 60, "the unenrolled SuperNode to be refused", [rogue.log_path])
     assert rogue.popen.returncode != 0
     assert "Failed to activate SuperNode" in rogue.log_path.read_text()
@@ -242,14 +253,14 @@ def test_rounds_survive_a_killed_site_a_misbehaving_site_and_a_killed_superlink(
     assert first > 0
     killed = next(p for p in dep.procs if p.name == f"node-{KILLED}" and p.running())
 
-    # site1 dies with SIGKILL after receiving its first train message, before it can reply.
+    # The second site dies with SIGKILL after receiving its first train message, before it can reply.
     _wait(lambda: "Receiving: train message" in killed.log_path.read_text(), 240,
-          "site1 to receive its train message", dep.logs())
+          f"{KILLED} to receive its train message", dep.logs())
     assert not read_audit(dep.root / "site-state" / KILLED)  # nothing was sent yet
     killed.kill()
     assert not killed.running()
     # Flower refuses a second activation until the dead node's heartbeat lapses; then it rejoins.
-    _wait(lambda: dep.status(KILLED) == "offline", 150, "the SuperLink to see site1 offline", dep.logs())
+    _wait(lambda: dep.status(KILLED) == "offline", 150, f"the SuperLink to see {KILLED} offline", dep.logs())
     dep.start_node(KILLED)
 
     _wait(lambda: len(dep.rounds()) >= 1, 300, "round 1", dep.logs())
