@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -98,7 +97,7 @@ def actor_pids() -> set[int]:
 
 def flower_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[str], preset: str,
                timeout: float) -> dict:
-    from simulations.flower_home import flower_env, local_superlink_pids, write_flower_home
+    from simulations.flower_home import flower_env, local_superlink_pids, stop_local_superlink, write_flower_home
 
     home = run.parent / f"{run.name}-flwr-home"
     write_flower_home(home, sites)
@@ -139,11 +138,7 @@ def flower_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
                 proc.kill()
     finally:
         stop.set()
-        for pid in local_superlink_pids(home):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_local_superlink(home)
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=5)

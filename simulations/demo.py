@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
 from hlip_fed.report import format_round_table, plot_run, read_rounds
-from simulations.flower_home import flower_env, local_superlink_pids, write_flower_home
+from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +33,6 @@ def ensure_consortium(data: Path, seed: int) -> None:
 
     print(f"generating the demo consortium in {data} ...")
     build_consortium(data, "demo", seed=seed)
-
-
-def stop_local_superlink(home: Path) -> None:
-    """`flwr run` leaves a detached local SuperLink behind: stop the one of this Flower home."""
-    for pid in local_superlink_pids(home):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> None:
@@ -85,7 +75,7 @@ def main() -> int:
     try:
         subprocess.run(cmd, cwd=ROOT, env=flower_env(home), check=False)
     finally:
-        stop_local_superlink(home)
+        stop_local_superlink(home, signal.SIGTERM)  # `flwr run` leaves it running
     rounds = read_rounds(run)
     if not rounds or not (run / "model" / "model.safetensors").exists():
         print(f"the federated run did not complete: see the log above and {run}", file=sys.stderr)

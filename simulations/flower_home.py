@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
@@ -63,6 +64,15 @@ def local_superlink_pids(home: str | Path) -> list[int]:
     pattern = str(Path(home).resolve() / "local-superlink")
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def stop_local_superlink(home: str | Path, sig: int = signal.SIGKILL) -> None:
+    """Signal every process of this Flower home's local SuperLink (gone already is fine)."""
+    for pid in local_superlink_pids(home):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from hlip_fed.federation.local import _SITES
 from hlip_fed.federation.params import federated_keys
 from hlip_fed.federation.run import config_from_run
 from hlip_fed.model import create_model
-from inprocess_grid import InProcessGrid, ServerCrash
+from simulations.inprocess import InProcessGrid, ServerCrash
 
 
 def run_config(consortium, out, *extra):

@@ -16,7 +16,7 @@ from hlip_fed.errors import HlipError
 from hlip_fed.federation import privacy
 from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.local import _SITES
-from inprocess_grid import InProcessGrid, ServerCrash
+from simulations.inprocess import InProcessGrid, ServerCrash
 from server.strategy import build_strategy
 
 pytest.importorskip("dp_accounting", reason='central DP needs flwr[dp]')

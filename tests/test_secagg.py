@@ -17,7 +17,7 @@ from hlip_fed.federation.local import local_site
 from hlip_fed.federation.params import federated_keys, get_arrays
 from hlip_fed.federation.run import config_from_run, resolve_site
 from hlip_fed.model import create_model
-from inprocess_grid import InProcessGrid
+from simulations.inprocess import InProcessGrid
 
 
 class SecAggGrid(InProcessGrid):

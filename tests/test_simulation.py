@@ -2,19 +2,16 @@
 files it writes: `flwr run --stream` exits 0 even when the ServerApp fails."""
 
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import FAST_RUN
 from hlip_fed.federation.checkpoint import load_latest
-from simulations.flower_home import flower_env, local_superlink_pids, write_flower_home
+from simulations.flower_home import flower_env, local_superlink_pids, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +25,7 @@ def test_three_sites_two_rounds_through_flower(mini_consortium, tmp_path):
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=flower_env(home), capture_output=True, text=True, timeout=420)
     finally:
-        for pid in local_superlink_pids(home):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_local_superlink(home)
     log = proc.stdout + proc.stderr
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     assert [r["round"] for r in rounds] == [1, 2], log[-3000:]

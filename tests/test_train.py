@@ -3,10 +3,31 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hlip_fed.demo import toy_batch
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.train import lr_at, make_optimizer, train_steps
+
+
+REPORTS = {
+    0: "No focal abnormality. The brain parenchyma is unremarkable.",
+    1: "There is a bright lesion in the left hemisphere.",
+    2: "There is a bright lesion in the right hemisphere.",
+}
+
+
+def toy_batch(n: int, size: list[int], gen: torch.Generator):
+    """Two-scan studies of smooth noise, some with a bright blob on one side, and reports saying so."""
+    d, h, w = size
+    base = F.interpolate(torch.randn(n, 2, d // 4, h // 8, w // 8, generator=gen), size=(d, h, w), mode="trilinear")
+    kind = torch.randint(0, 3, (n,), generator=gen)
+    zz, yy, xx = torch.meshgrid(*(torch.linspace(-1, 1, s) for s in (d, h, w)), indexing="ij")
+    for i, k in enumerate(kind.tolist()):
+        if k:
+            cx = -0.5 if k == 1 else 0.5
+            base[i] += 3.0 * ((xx - cx) ** 2 + yy**2 + zz**2 < 0.3**2).float()
+    images = base[:, :, None]  # [B, 2 scans, 1, D, H, W]
+    return images, torch.ones(n, 2, dtype=torch.bool), [REPORTS[k] for k in kind.tolist()], [str(i) for i in range(n)]
 
 
 def batches(cfg, seed=0):

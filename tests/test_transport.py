@@ -18,7 +18,7 @@ from hlip_fed.federation.transport import (
     to_array_record,
     wire_bytes,
 )
-from inprocess_grid import run_federation
+from simulations.inprocess import run_federation
 from test_federation import run_config
 from conftest import FakeGrid
 
