@@ -54,6 +54,11 @@ class VisionConfig:
     drop_path: float = 0.0
     max_scans: int = 40  # slots of the scan-index position embedding
     patch_dropout: float = 0.0  # fraction of patch tokens dropped per window in training
+    # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
+    # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. Max
+    # pooling lets a small model trained on little data pick out a focal lesion: the CLS token only
+    # learns to attend to it after far more data than a CPU demo sees (docs/benchmarks.md).
+    pool: str = "token"
     grad_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -92,7 +97,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Intensity normalisation as in the HLIP paper: CT window to [0, 1], MRI percentile clip + min-max.
-    ct_window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])
+    # The default is a head CT blood/subdural window (level 60, width 200 HU): blood, grey and white
+    # matter, oedema and CSF stay apart by 0.05-0.3 of the range. HLIP's chest CT window
+    # (-1150..350) would squeeze a bleed into 0.02 of it; set it for chest or whole-body CT.
+    ct_window: list[float] = field(default_factory=lambda: [-40.0, 160.0])
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     # Target voxel spacing in mm (depth, height, width); null keeps the source spacing.
     target_spacing: list[float] | None = None
@@ -105,6 +113,11 @@ class DataConfig:
     mean: float = 0.449
     std: float = 0.226
     max_scans: int = 4  # scans kept per study (the first ones in manifest order)
+    # HLIP's training-time scan sampling: each time a training study is drawn, its scans are
+    # shuffled and repeated or cut to exactly this many, so scan order and scan count (which say
+    # which protocol, hence which hospital, a study came from) cannot stand in for its content.
+    # Evaluation always reads the first ``max_scans`` in manifest order. null: no sampling.
+    train_scans: int | None = None
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     num_workers: int = 0
 
@@ -269,8 +282,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.attention.levels: unknown level {bad[0]!r} (use {', '.join(LEVELS)})")
     if v.width % v.heads:
         raise ConfigError(f"model.vision.width {v.width} is not divisible by heads {v.heads}")
+    if cfg.data.train_scans is not None and not 1 <= cfg.data.train_scans <= v.max_scans:
+        raise ConfigError(f"data.train_scans must be between 1 and model.vision.max_scans ({v.max_scans})")
     if not 0.0 <= v.patch_dropout < 1.0:
         raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
+    if v.pool not in ("token", "max", "avg"):
+        raise ConfigError(f"model.vision.pool must be token, max or avg, not {v.pool!r}")
     if cfg.model.text.pooling not in ("cls", "mean"):
         raise ConfigError(f"model.text.pooling must be cls or mean, not {cfg.model.text.pooling!r}")
     if cfg.model.loss.name not in ("clip", "siglip"):

@@ -52,7 +52,7 @@ class Consortium:
         self.root, self.cfg = root, cfg
         self.sites = consortium_sites(root)
         img = cfg.model.vision.img_size
-        self.train = {s.name: SiteDataset(s, cfg.data, img, split="train") for s in self.sites}
+        self.train = {s.name: SiteDataset(s, cfg.data, img, split="train", train=True) for s in self.sites}
         self.test = {s.name: SiteDataset(s, cfg.data, img, split="test") for s in self.sites}
         self.heldout = SiteDataset(root / "heldout", cfg.data, img, split=None)
         self.labels = read_labels(root / "truth" / "heldout.jsonl")
@@ -102,10 +102,13 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
 
 
 def split_validation(dataset: SiteDataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Training and validation studies of one site; validation reads its scans as evaluation does."""
     n = len(dataset)
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * fraction))) if n > 2 else 0
-    return Subset(dataset, sorted(order[k:].tolist())), Subset(dataset, sorted(order[:k].tolist()))
+    plain = copy.copy(dataset)
+    plain.train_scans = None
+    return Subset(dataset, sorted(order[k:].tolist())), Subset(plain, sorted(order[:k].tolist()))
 
 
 def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: int, seed: int) -> Path:

@@ -21,7 +21,7 @@ def _vol(array, modality="CT", spacing=(1.0, 1.0, 1.0)):
 
 def test_ct_window_maps_hu_to_unit_range():
     vol = _vol(np.array([-2000, -1150, -400, 350, 3000], np.float32).reshape(5, 1, 1) * np.ones((1, 2, 2)))
-    out = scale_intensity(vol, DataConfig())
+    out = scale_intensity(vol, DataConfig(ct_window=[-1150.0, 350.0]))
     np.testing.assert_allclose(out[:, 0, 0], [0, 0, 0.5, 1, 1], atol=1e-6)
 
 

@@ -140,6 +140,22 @@ def test_dataset_skips_rejected_studies_and_collates(site, caplog):
     assert len(SiteDataset(site, DataConfig(max_scans=1), IMG)[0][0]) == 1
 
 
+def test_training_draws_a_fixed_number_of_scans_in_random_order(site):
+    cfg = DataConfig(max_scans=4, train_scans=3)
+    plain = SiteDataset(site, cfg, IMG, split="train")[0][0]  # evaluation: manifest order, no sampling
+    assert plain.shape[0] == 2
+    train = SiteDataset(site, cfg, IMG, split="train", train=True)
+    torch.manual_seed(0)
+    draws = [train[0][0] for _ in range(12)]
+    assert all(d.shape == (3, 1, *IMG) for d in draws)  # two scans repeated up to three
+    for d in draws:  # every drawn scan is one of the study's, and both of them are drawn
+        assert all(any(torch.equal(x, p) for p in plain) for x in d)
+        assert all(any(torch.equal(x, p) for x in d) for p in plain)
+    assert len({tuple(torch.equal(d[0], p) for p in plain) for d in draws}) == 2  # order varies
+    torch.manual_seed(0)
+    assert all(torch.equal(a, train[0][0]) for a in draws[:1])  # reproducible for a seed
+
+
 def test_dataset_with_no_usable_study(site):
     ds = SiteDataset(site, DataConfig(), IMG, split="test")
     with pytest.raises(DataError, match="no usable study"):

@@ -119,9 +119,10 @@ def test_cls_split_copies_and_merge_averages_real_windows(tiny_cfg):
     torch.testing.assert_close(to_study[0], slabs.view(b, n, s, c)[0, :2].mean((0, 1)))
 
 
+@pytest.mark.parametrize("pool", ["token", "max", "avg"])
 @pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"], ["study"] * 3])
-def test_padded_study_has_the_same_embedding(tiny_cfg, levels):
-    m = vision(tiny_cfg, levels=levels)
+def test_padded_study_has_the_same_embedding(tiny_cfg, levels, pool):
+    m = vision(tiny_cfg, levels=levels, pool=pool)
     two, four = study(n=2, seed=3), study(n=4, seed=4)
     batch = torch.cat([F.pad(two, (0,) * 8 + (0, 2)), four])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
@@ -131,6 +132,19 @@ def test_padded_study_has_the_same_embedding(tiny_cfg, levels):
         alone4 = m(four)
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batched[1], alone4[0], atol=1e-5, rtol=1e-4)
+
+
+def test_pooled_embedding_is_the_max_or_mean_of_the_final_tokens(tiny_cfg):
+    m = vision(tiny_cfg, pool="max")
+    x = study(n=2, seed=5)
+    captured = {}
+    m.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.update(x=out))
+    with torch.no_grad():
+        pooled = m(x)
+        tokens = m.norm(captured["x"][:, 1:])  # the last block is study-wide: one window
+        torch.testing.assert_close(pooled[0], m.proj(tokens[0].amax(0)))
+        m.cfg = dataclasses.replace(m.cfg, pool="avg")
+        torch.testing.assert_close(m(x)[0], m.proj(m.norm(captured["x"][:, 1:])[0].mean(0)))
 
 
 def test_sincos_embeddings_match_the_formula():

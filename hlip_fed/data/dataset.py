@@ -6,8 +6,10 @@ on-site :class:`~hlip_fed.data.cache.TensorCache`, so that every epoch after the
 tensors instead of decoding DICOM/NIfTI. A study whose report or every scan is unusable is skipped
 with a logged reason (the next usable study takes its place, so batches keep their size); an
 unreadable scan inside a usable study is skipped the same way. Studies keep at most
-``data.max_scans`` scans, the first readable ones in manifest order. ``collate_studies`` pads
-studies with fewer scans and returns the mask the HLIP vision tower consumes.
+``data.max_scans`` scans, the first readable ones in manifest order; a training dataset with
+``data.train_scans`` instead draws that many in random order each time (HLIP's scan sampling,
+drawn from torch's generator so a seeded round is reproducible). ``collate_studies`` pads studies
+with fewer scans and returns the mask the HLIP vision tower consumes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class SiteDataset(Dataset):
         img_size: Sequence[int],
         split: str | None = "train",
         manifest: str | os.PathLike | None = None,
+        train: bool = False,
     ):
         self.site = Path(site_dir)
+        self.train_scans = data_cfg.train_scans if train else None
         self.data_cfg = data_cfg
         self.img_size = [int(s) for s in img_size]
         self.max_scans = int(data_cfg.max_scans)
@@ -73,9 +77,12 @@ class SiteDataset(Dataset):
     def load_study(self, entry: dict) -> tuple[torch.Tensor, str, str]:
         """Raises DataError when the study has no usable report or no readable scan."""
         report = read_report(entry, self.site)
+        candidates = entry["scans"]
+        if self.train_scans:
+            candidates = [candidates[i] for i in torch.randperm(len(candidates)).tolist()]
         scans, reasons = [], []
-        for scan in entry["scans"]:
-            if len(scans) >= self.max_scans:
+        for scan in candidates:
+            if len(scans) >= (self.train_scans or self.max_scans):
                 break
             path = self.site / scan["path"]
             try:
@@ -85,6 +92,8 @@ class SiteDataset(Dataset):
                 log.warning("skipping scan of study %s: %s", entry["study_id"], exc)
         if not scans:
             raise DataError(self.site / entry.get("path", entry["study_id"]), "no readable scan (" + "; ".join(reasons) + ")")
+        if self.train_scans:  # repeat a short study's scans up to the fixed count
+            scans = (scans * -(-self.train_scans // len(scans)))[: self.train_scans]
         return torch.stack(scans), report, entry["study_id"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:

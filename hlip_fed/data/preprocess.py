@@ -2,7 +2,7 @@
 
 Steps, as in the HLIP paper and set by :class:`~hlip_fed.config.DataConfig`:
 
-1. intensity to [0, 1]: CT is clipped to the HU window ``ct_window`` (default -1150..350) and
+1. intensity to [0, 1]: CT is clipped to the HU window ``ct_window`` (default -40..160, a head window) and
    scaled linearly; every other modality (MR, ...) is clipped to the ``mri_percentiles`` (default
    0.5 and 99.5) of its own voxels and min-max scaled. Percentiles use every voxel, so the result
    does not depend on how the file stored its axes;

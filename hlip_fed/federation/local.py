@@ -51,7 +51,7 @@ class LocalSite:
         self.tokenizer = create_tokenizer(cfg.model)
         self.keys = federated_keys(self.model, cfg.federation.groups)
         img = cfg.model.vision.img_size
-        self.train_set = SiteDataset(site.data_dir, cfg.data, img, split="train")
+        self.train_set = SiteDataset(site.data_dir, cfg.data, img, split="train", train=True)
         self.test_set = SiteDataset(site.data_dir, cfg.data, img, split="test")
         self.labels = read_labels(site.truth_path)
         # A locked text encoder's report features, reused across steps and rounds (kept on site).

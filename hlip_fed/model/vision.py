@@ -221,8 +221,18 @@ class HLIPVisionTransformer(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
-        cls = self._regroup_cls(x[:, :1], b, level, "study", n, s, weights)
-        return self.proj(self.norm(cls[:, 0]))
+        if self.cfg.pool == "token":
+            cls = self._regroup_cls(x[:, :1], b, level, "study", n, s, weights)
+            return self.proj(self.norm(cls[:, 0]))
+        return self.proj(self.pool_tokens(self.norm(x[:, 1:]).reshape(b, n, -1, c), scan_mask))
+
+    def pool_tokens(self, tokens: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
+        """Max or mean of the patch tokens ``[B, N, L, C]`` of the real scans -> ``[B, C]``."""
+        real = scan_mask[:, :, None, None]
+        if self.cfg.pool == "max":
+            return tokens.masked_fill(~real, torch.finfo(tokens.dtype).min).amax((1, 2))
+        count = (scan_mask.sum(1) * tokens.shape[2]).clamp_min(1)[:, None].to(tokens.dtype)
+        return (tokens * real).sum((1, 2)) / count
 
     @property
     def tokens_per_scan(self) -> int:
