@@ -55,3 +55,24 @@ def test_federation_benchmark_writes_json(tmp_path):
     assert data["process_per_message"]["fresh_process_seconds"] > 0
     assert [r["sites"] for r in data["scaling"]["runs"]] == [2]
     assert data["scaling"]["runs"][0]["peak_rss_mb"] > 0
+
+
+def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
+    import shlex
+
+    from conftest import FAST_RUN
+
+    out = tmp_path / "pretraining.json"
+    proc = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "2", "--every", "1",
+               "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["step"] for r in data["curve"]] == [1, 2] and data["heldout_studies"] == 4
+    for row in data["curve"]:
+        assert math.isfinite(row["loss"]) and 0.0 <= row["r5"] <= 1.0
+        assert any(k.startswith("probe_") for k in row) and any(k.startswith("zs_") and k != "zs_mean" for k in row)
+    assert "| step | epochs | train loss |" in proc.stdout
+    sup = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1",
+              "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
+    assert sup.returncode == 0, (sup.stdout + sup.stderr)[-3000:]
+    assert "supervised head" in sup.stdout

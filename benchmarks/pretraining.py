@@ -1,0 +1,177 @@
+"""What pooled contrastive pre-training learns on a consortium, measured along the way.
+
+    python benchmarks/pretraining.py DATA [--steps 800] [--every 100] [--overrides "..."] [--json OUT]
+
+Trains one model on every site's training studies together (the ``pooled`` reference of
+``simulations.compare``) and, every ``--every`` steps, reports on the held-out set:
+
+* the training loss (InfoNCE over the batch): how well the model tells its own batch apart;
+* zero-shot AUC per finding and image->report R@5 / R@10: what the user gets;
+* a linear probe per finding on the frozen image embeddings (5-fold cross-validated logistic
+  regression on the held-out studies): whether the image tower encodes the findings at all, even
+  where the prompts do not reach them.
+
+A falling loss with flat probe AUCs means the tower tells training studies apart by something
+other than their findings (subject, scanner, protocol) - memorisation, not pre-training.
+
+``--objective supervised`` is the reference that needs labels: the same vision tower plus a
+linear head trained with binary cross-entropy on the training studies' ground truth (which the
+contrastive path never reads), scored by its own held-out AUC per finding. If even that stays near
+0.5, the data, not the contrastive objective, is what limits the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, table, write_json  # noqa: E402
+
+
+def probe_aucs(embeddings, labels: dict, ids: list[str], findings) -> dict[str, float]:
+    """Cross-validated logistic-regression AUC per finding on frozen embeddings."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    out = {}
+    x = embeddings.numpy()
+    for f in findings:
+        y = np.array([labels[i][f] for i in ids])
+        if min(y.sum(), len(y) - y.sum()) < 5:
+            out[f] = float("nan")
+            continue
+        folds = StratifiedKFold(5, shuffle=True, random_state=0)
+        p = cross_val_predict(LogisticRegression(max_iter=2000), x, y, cv=folds, method="predict_proba")[:, 1]
+        out[f] = float(roc_auc_score(y, p))
+    return out
+
+
+def supervised_steps(visual, head, batches, opt, labels, findings, steps, train_cfg, start, total) -> float:
+    """``steps`` steps of multi-label BCE on the image embeddings; the mean loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from hlip_fed.train import lr_at
+
+    visual.train()
+    losses = []
+    for i in range(steps):
+        images, mask, _, ids = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(start + i, train_cfg, total)
+        y = torch.tensor([[labels[s][f] for f in findings] for s in ids], dtype=torch.float32)
+        loss = F.binary_cross_entropy_with_logits(head(visual(images, mask)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def head_aucs(visual, head, cons, findings) -> dict[str, float]:
+    """Held-out AUC per finding of the supervised head, keyed like the zero-shot metrics."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    visual.eval()
+    scores, ids = [], []
+    with torch.no_grad():
+        for images, mask, _, batch_ids in cons.loader(cons.heldout):
+            scores.append(head(visual(images, mask)))
+            ids += batch_ids
+    p = torch.cat(scores).numpy()
+    out = {}
+    for j, f in enumerate(findings):
+        y = np.array([cons.labels[i][f] for i in ids])
+        out[f"auc-{f}"] = float(roc_auc_score(y, p[:, j])) if 0 < y.sum() < len(y) else float("nan")
+    out["auc-mean"] = float(np.nanmean([out[f"auc-{f}"] for f in findings]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path, help="consortium folder (from `hlip-fed synth`)")
+    parser.add_argument("--config", default="demo", help="run preset or YAML")
+    parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", choices=("clip", "supervised"), default="clip")
+    parser.add_argument("--json", help="write the curve as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from torch.utils.data import ConcatDataset
+
+    from hlip_fed.config import load_config
+    from hlip_fed.errors import HlipError
+    from hlip_fed.evaluate import embed_images
+    from hlip_fed.model import create_model, create_tokenizer
+    from hlip_fed.train import cycle, make_optimizer, train_steps
+    from simulations.compare import Consortium, heldout_metrics
+
+    try:
+        cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
+        cons = Consortium(args.data, cfg)
+    except HlipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    model, tok = create_model(cfg.model, seed=args.seed), create_tokenizer(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    batches = cycle(cons.loader(ConcatDataset(list(cons.train.values())), shuffle=True, seed=args.seed), args.seed)
+    findings = list(cons.prompts)  # the consortium's own finding names
+    n_train = sum(len(d) for d in cons.train.values())
+    if args.objective == "supervised":
+        labels = {i: y for site_labels in cons.site_labels.values() for i, y in site_labels.items()}
+        head = torch.nn.Linear(cfg.model.embed_dim, len(findings))
+        opt.add_param_group({"params": head.parameters(), "weight_decay": 0.0})
+    rows, done, start = [], 0, time.monotonic()
+    while done < args.steps:
+        n = min(args.every, args.steps - done)
+        if args.objective == "clip":
+            stats = train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done,
+                                total_steps=args.steps)
+            loss = stats.loss
+        else:
+            loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)
+        done += n
+        metrics = heldout_metrics(model, tok, cons)
+        emb, ids, _ = embed_images(model, cons.loader(cons.heldout))
+        probe = probe_aucs(emb, cons.labels, ids, findings)
+        if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
+            metrics.update(head_aucs(model.visual, head, cons, findings))
+        row = {"step": done, "epochs": done * cfg.train.batch_size / n_train, "loss": loss,
+               "zs_mean": metrics["auc-mean"], "r5": metrics["r5"], "r10": metrics["r10"],
+               "seconds": time.monotonic() - start}
+        for f in findings:
+            row[f"zs_{f}"] = metrics.get(f"auc-{f}")
+            row[f"probe_{f}"] = probe[f]
+        rows.append(row)
+        print(f"step {done}: loss {loss:.3f}, zero-shot {metrics['auc-mean']:.3f}, "
+              f"probe {' '.join(f'{probe[f]:.2f}' for f in findings)}", file=sys.stderr, flush=True)
+
+    columns = [("step", "step", "d"), ("epochs", "epochs", ".1f"), ("loss", "train loss", ".3f")]
+    scored = "zero-shot" if args.objective == "clip" else "supervised head"
+    columns += [(f"zs_{f}", f"{scored} {f}", ".3f") for f in findings] + [("zs_mean", f"{scored} mean", ".3f")]
+    columns += [("r5", "R@5", ".3f"), ("r10", "R@10", ".3f")]
+    columns += [(f"probe_{f}", f"probe {f}", ".3f") for f in findings]
+    print(f"Pooled {args.objective} training on {args.data} ({n_train} training studies, {len(cons.heldout)} held-out; "
+          f"batch {cfg.train.batch_size}; overrides: {args.overrides or 'none'})\n")
+    print(table(rows, columns))
+    write_json(args.json, {"machine": machine(), "data": str(args.data), "config": args.config,
+                           "overrides": args.overrides, "objective": args.objective, "training_studies": n_train,
+                           "heldout_studies": len(cons.heldout), "curve": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
