@@ -2,7 +2,9 @@
 
 A fresh Flower home defines only the ``local`` connection, and ``flwr run`` reads connections from
 ``$FLWR_HOME/config.toml``. This writes one whose ``local-simulation`` connection runs one
-simulated SuperNode per site of a consortium, each with one CPU.
+simulated SuperNode per site of a consortium, each with one CPU, and tells the simulation's Ray
+how many CPUs this process may use (Ray otherwise counts the host's, and runs more ClientApp
+actors than there are cores to run them).
 
     python -m simulations.flower_home --home .flwr --data data/demo
     FLWR_HOME=.flwr flwr run . local-simulation --stream
@@ -27,6 +29,7 @@ address = ":local:"
 address = ":local:"
 options.num-supernodes = {sites}
 options.backend.client-resources.num-cpus = 1
+options.backend.init-args.num-cpus = {cpus}
 """
 
 # What every `flwr` call of this project runs with: no telemetry, no update check, no installs.
@@ -42,7 +45,7 @@ def write_flower_home(home: str | Path, sites: int) -> Path:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    path.write_text(CONFIG.format(sites=sites))
+    path.write_text(CONFIG.format(sites=sites, cpus=len(os.sched_getaffinity(0))))
     return path
 
 
