@@ -14,6 +14,12 @@ Trains one model on every site's training studies together (the ``pooled`` refer
 A falling loss with flat probe AUCs means the tower tells training studies apart by something
 other than their findings (subject, scanner, protocol) - memorisation, not pre-training.
 
+Before training it also measures the text side, which the locked text tower fixes from the start:
+a linear probe per finding on the encoder's report features (trained on the sites' reports, scored
+on the held-out reports) and the prompts' zero-shot AUC against the held-out *reports* in the
+encoder's own space. High figures there mean the reports and prompts carry the findings, so what
+is missing must be learnt by the image tower.
+
 ``--objective supervised`` is the reference that needs labels: the same vision tower plus a
 linear head trained with binary cross-entropy on the training studies' ground truth (which the
 contrastive path never reads), scored by its own held-out AUC per finding. If even that stays near
@@ -51,6 +57,49 @@ def probe_aucs(embeddings, labels: dict, ids: list[str], findings) -> dict[str, 
         p = cross_val_predict(LogisticRegression(max_iter=2000), x, y, cv=folds, method="predict_proba")[:, 1]
         out[f] = float(roc_auc_score(y, p))
     return out
+
+
+def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
+    """Report-feature probe and prompt-vs-report zero-shot AUC per finding (no training)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from hlip_fed.data.manifest import read_report
+    from hlip_fed.evaluate import DEFAULT_TEMPLATE
+
+    @torch.no_grad()
+    def features(texts: list[str]) -> torch.Tensor:
+        out = [model.text.features(**tok(texts[i:i + 64])) for i in range(0, len(texts), 64)]
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def reports(dataset) -> tuple[list[str], list[str]]:
+        return [read_report(e, dataset.site) for e in dataset.entries], [e["study_id"] for e in dataset.entries]
+
+    train_texts, train_ids = [], []
+    for dataset, labels in zip(cons.train.values(), cons.site_labels.values()):
+        texts, ids = reports(dataset)
+        train_texts += texts
+        train_ids += ids
+    site_labels = {i: y for labels in cons.site_labels.values() for i, y in labels.items()}
+    held_texts, held_ids = reports(cons.heldout)
+    x_train, x_held = features(train_texts).numpy(), features(held_texts)
+    probe, zeroshot = {}, {}
+    for f in findings:
+        y_train = np.array([site_labels[i][f] for i in train_ids])
+        y_held = np.array([cons.labels[i][f] for i in held_ids])
+        if len(set(y_train)) < 2 or len(set(y_held)) < 2:
+            probe[f] = zeroshot[f] = float("nan")
+            continue
+        clf = LogisticRegression(max_iter=3000).fit(x_train, y_train)
+        probe[f] = float(roc_auc_score(y_held, clf.predict_proba(x_held.numpy())[:, 1]))
+        negatives, positives = cons.prompts[f]
+        pos = features([DEFAULT_TEMPLATE.format(p) for p in positives]).mean(0)
+        neg = features([DEFAULT_TEMPLATE.format(p) for p in negatives]).mean(0)
+        zeroshot[f] = float(roc_auc_score(y_held, (x_held @ (pos - neg)).numpy()))
+    return {"report_probe": probe, "prompt_vs_report": zeroshot}
 
 
 def supervised_steps(visual, head, batches, opt, labels, findings, steps, train_cfg, start, total) -> float:
@@ -130,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = cycle(cons.loader(ConcatDataset(list(cons.train.values())), shuffle=True, seed=args.seed), args.seed)
     findings = list(cons.prompts)  # the consortium's own finding names
     n_train = sum(len(d) for d in cons.train.values())
+    text = text_side(model, tok, cons, findings)
     if args.objective == "supervised":
         labels = {i: y for site_labels in cons.site_labels.values() for i, y in site_labels.items()}
         head = torch.nn.Linear(cfg.model.embed_dim, len(findings))
@@ -167,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Pooled {args.objective} training on {args.data} ({n_train} training studies, {len(cons.heldout)} held-out; "
           f"batch {cfg.train.batch_size}; overrides: {args.overrides or 'none'})\n")
     print(table(rows, columns))
+    print("\nText side (locked encoder, before any training; held-out AUC per finding):\n")
+    print(table([{"what": k, **v} for k, v in text.items()],
+                [("what", "measure", "")] + [(f, f, ".3f") for f in findings]))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "config": args.config,
                            "overrides": args.overrides, "objective": args.objective, "training_studies": n_train,
-                           "heldout_studies": len(cons.heldout), "curve": rows})
+                           "heldout_studies": len(cons.heldout), "text_side": text, "curve": rows})
     return 0
 
 

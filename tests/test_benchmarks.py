@@ -72,6 +72,7 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
         assert math.isfinite(row["loss"]) and 0.0 <= row["r5"] <= 1.0
         assert any(k.startswith("probe_") for k in row) and any(k.startswith("zs_") and k != "zs_mean" for k in row)
     assert "| step | epochs | train loss |" in proc.stdout
+    assert set(data["text_side"]) == {"report_probe", "prompt_vs_report"}
     sup = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1",
               "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
     assert sup.returncode == 0, (sup.stdout + sup.stderr)[-3000:]
