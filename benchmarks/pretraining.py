@@ -79,7 +79,7 @@ def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
         return [read_report(e, dataset.site) for e in dataset.entries], [e["study_id"] for e in dataset.entries]
 
     train_texts, train_ids = [], []
-    for dataset, labels in zip(cons.train.values(), cons.site_labels.values()):
+    for dataset in cons.train.values():
         texts, ids = reports(dataset)
         train_texts += texts
         train_ids += ids
