@@ -7,7 +7,9 @@ Reads every study through the project's reader and preprocessing (the tiny model
 input), fits one logistic regression per finding on generic image statistics and prints held-out
 ROC AUCs for the pooled probe (all sites' training studies) and for each site alone. The
 benchmark is meant to sit between chance and saturation: pooled mean AUC clearly above 0.5 and at
-most about 0.95, and the worst single site clearly below pooled.
+most about 0.95, and the worst single site clearly below pooled. It then prints how conspicuous each
+focal lesion is at the model's input (z-score of its mirror difference against normal studies of
+the same contrast, see ``hlip_fed.synth.probe.lesion_conspicuity``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
 
-    from hlip_fed.synth.probe import format_result, run_probe
+    from hlip_fed.synth.probe import format_conspicuity, format_result, lesion_conspicuity, run_probe
 
     root = Path(args.consortium)
     if args.generate:
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     result = run_probe(root)
     print(format_result(result))
+    result["conspicuity"] = lesion_conspicuity(root)
+    print("Lesion conspicuity on the held-out set (model input, mean shift against normal asymmetry):\n")
+    print(format_conspicuity(result["conspicuity"]))
     print(f"probe took {time.monotonic() - t:.0f}s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -376,3 +376,15 @@ def test_probe_runs_on_a_consortium(consortium):
     result = run_probe(consortium, img_size=(16, 48, 48))
     assert set(result["pooled"]) == set(FINDINGS) | {"mean"}
     assert "pooled" in format_result(result)
+
+
+def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consortium):
+    from hlip_fed.synth.probe import FOCAL, format_conspicuity, lesion_conspicuity
+
+    site = json.loads((consortium / "consortium.json").read_text())["sites"][2]["name"]  # an MRI site
+    result = lesion_conspicuity(consortium, site, img_size=(16, 48, 48), min_null=2)
+    assert result and set(result) <= set(FOCAL)
+    for per in result.values():
+        for r in per.values():
+            assert r["n"] >= 1 and r["median_z"] >= 0.0 and 0.0 <= r["frac_z_above_3"] <= 1.0
+    assert "| finding | contrast |" in format_conspicuity(result)

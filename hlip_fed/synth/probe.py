@@ -11,6 +11,14 @@ draws lesions.
 no site shift): can the findings be learnt from the images at all? ``pooled``: trained on the
 training studies of every site together; ``local``: trained on one site's training studies only;
 both scored (ROC AUC) on the held-out set, where site case mix and scanners no longer match.
+
+:func:`lesion_conspicuity` asks the question behind a weak probe: at the model's input, how far
+does each focal lesion stand out from the brain's normal left-right asymmetry at the same place?
+For a lesion's mask, ``d`` = mean inside minus mean in the mirrored region; the same mask laid on
+every normal study of the same contrast gives a null distribution of ``d``; the lesion's z-score
+is its distance from that null in null standard deviations. Mean intensity is a blunt measure for
+lesions with parts of opposite sign (a ring-enhancing mass with a dark necrotic core and dark
+oedema on T1C can cancel), so a low z says "not visible as a mean shift", not "invisible".
 """
 
 from __future__ import annotations
@@ -168,4 +176,77 @@ def format_result(result: dict) -> str:
         lines.append(row(f"local: {name}", aucs))
     lines.append(f"held-out: {result['heldout_studies']} studies; positives "
                  + ", ".join(f"{k} {v}" for k, v in result["heldout_positives"].items()) + "\n")
+    return "\n".join(lines)
+
+
+FOCAL = ("mass", "haemorrhage", "infarct")
+
+
+def _model_masks(path: Path, img_size) -> dict[str, np.ndarray]:
+    """Each focal finding's truth mask (bit ``FINDINGS.index(f)``) resampled like the scans."""
+    import nibabel as nib
+    import torch
+
+    from hlip_fed.data.preprocess import resize
+    from hlip_fed.data.volume import make_volume
+
+    img = nib.load(str(path))
+    bits = np.asarray(img.dataobj).astype(np.uint8)
+    out = {}
+    for f in FOCAL:
+        m = ((bits >> FINDINGS.index(f)) & 1).astype(np.float32)
+        if m.any():
+            vol = make_volume(m, img.affine, "MR", str(path))
+            out[f] = resize(torch.from_numpy(vol.array)[None, None], img_size)[0, 0].numpy() > 0.5
+    return out
+
+
+def _mirror_difference(x: np.ndarray, mask: np.ndarray) -> float | None:
+    """Mean of ``x`` in ``mask`` minus the mean in its left-right mirror (canonical W axis)."""
+    if not mask.any():
+        return None
+    return float(x[mask].mean() - x[:, :, ::-1][mask].mean())
+
+
+def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
+                       min_null: int = 5) -> dict:
+    """``{finding: {sequence: {"n", "median_z", "frac_z_above_3"}}}`` at the model's input.
+
+    A lesion is scored only against at least ``min_null`` normal scans of its contrast.
+    """
+    from hlip_fed.config import DataConfig
+    from hlip_fed.data.preprocess import preprocess
+    from hlip_fed.data.readers import read_scan
+
+    root, cfg = Path(consortium_dir), DataConfig()
+    base = site_dir(root, cohort)
+    scans = []  # (sequence, is_normal, image, masks)
+    for r in load_records(root, cohort):
+        masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size)
+        normal = not any(r["labels"][f] for f in FOCAL)
+        for scan in r["scans"]:
+            x = preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg, img_size)[0].numpy()
+            scans.append((scan["sequence"], normal, x, masks))
+    z: dict[tuple[str, str], list[float]] = {}
+    for seq, _, x, masks in scans:
+        for f, mask in masks.items():
+            d = _mirror_difference(x, mask)
+            null = [_mirror_difference(x2, mask) for s2, normal, x2, _ in scans if normal and s2 == seq]
+            null = [v for v in null if v is not None]
+            if d is None or len(null) < max(min_null, 2) or np.std(null) == 0:
+                continue
+            z.setdefault((f, seq), []).append(abs(d - float(np.mean(null))) / float(np.std(null)))
+    out: dict[str, dict] = {}
+    for (f, seq), values in sorted(z.items()):
+        v = np.array(values)
+        out.setdefault(f, {})[seq] = {"n": int(len(v)), "median_z": float(np.median(v)),
+                                      "frac_z_above_3": float(np.mean(v > 3))}
+    return out
+
+
+def format_conspicuity(result: dict) -> str:
+    lines = ["| finding | contrast | lesions | median z | share with z > 3 |", "|---|---|---:|---:|---:|"]
+    for f, per in result.items():
+        for seq, r in per.items():
+            lines.append(f"| {f} | {seq} | {r['n']} | {r['median_z']:.1f} | {r['frac_z_above_3']:.2f} |")
     return "\n".join(lines)
