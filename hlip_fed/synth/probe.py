@@ -14,11 +14,10 @@ both scored (ROC AUC) on the held-out set, where site case mix and scanners no l
 
 :func:`lesion_conspicuity` asks the question behind a weak probe: at the model's input, how far
 does each focal lesion stand out from the brain's normal left-right asymmetry at the same place?
-For a lesion's mask, ``d`` = mean inside minus mean in the mirrored region; the same mask laid on
-every normal study of the same contrast gives a null distribution of ``d``; the lesion's z-score
-is its distance from that null in null standard deviations. Mean intensity is a blunt measure for
-lesions with parts of opposite sign (a ring-enhancing mass with a dark necrotic core and dark
-oedema on T1C can cancel), so a low z says "not visible as a mean shift", not "invisible".
+For a lesion's mask, ``d`` = mean absolute difference between the image and its left-right mirror
+inside the mask (absolute, so that a lesion with bright and dark parts - an enhancing rim around
+a necrotic core - does not cancel); the same mask laid on every normal study of the same contrast
+gives a null distribution of ``d``; the lesion's z-score is ``(d - mean) / sd`` of that null.
 """
 
 from __future__ import annotations
@@ -202,10 +201,10 @@ def _model_masks(path: Path, img_size) -> dict[str, np.ndarray]:
 
 
 def _mirror_difference(x: np.ndarray, mask: np.ndarray) -> float | None:
-    """Mean of ``x`` in ``mask`` minus the mean in its left-right mirror (canonical W axis)."""
+    """Mean absolute difference between ``x`` and its left-right mirror (canonical W axis) in ``mask``."""
     if not mask.any():
         return None
-    return float(x[mask].mean() - x[:, :, ::-1][mask].mean())
+    return float(np.abs(x - x[:, :, ::-1])[mask].mean())
 
 
 def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
@@ -235,7 +234,7 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
             null = [v for v in null if v is not None]
             if d is None or len(null) < max(min_null, 2) or np.std(null) == 0:
                 continue
-            z.setdefault((f, seq), []).append(abs(d - float(np.mean(null))) / float(np.std(null)))
+            z.setdefault((f, seq), []).append((d - float(np.mean(null))) / float(np.std(null)))
     out: dict[str, dict] = {}
     for (f, seq), values in sorted(z.items()):
         v = np.array(values)
