@@ -55,9 +55,9 @@ class VisionConfig:
     max_scans: int = 40  # slots of the scan-index position embedding
     patch_dropout: float = 0.0  # fraction of patch tokens dropped per window in training
     # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
-    # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. Max
-    # pooling lets a small model trained on little data pick out a focal lesion: the CLS token only
-    # learns to attend to it after far more data than a CPU demo sees (docs/benchmarks.md).
+    # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. A small
+    # tower trained on little data fits much faster with max pooling than through the CLS token,
+    # whose attention starts uniform (measured in docs/benchmarks.md, section 5).
     pool: str = "token"
     grad_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
