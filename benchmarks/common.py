@@ -20,7 +20,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "memory_gb": round(mem_total_bytes() / 2**30, 1) if mem_total_bytes() else None,
+        "memory_gb": round(total / 2**30, 1) if (total := mem_total_bytes()) else None,
     }
     try:
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
@@ -58,9 +58,10 @@ def write_json(path: str | Path | None, data: dict) -> None:
 # --- memory ------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str, pid: int | str = "self") -> int | None:
+def _proc_kb(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file, in kB (None where /proc has no such line)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError):
@@ -68,24 +69,18 @@ def _status_kb(field: str, pid: int | str = "self") -> int | None:
     return None
 
 
+def _status_kb(field: str, pid: int | str = "self") -> int | None:
+    return _proc_kb(f"/proc/{pid}/status", field)
+
+
 def mem_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    kb = _proc_kb("/proc/meminfo", "MemTotal")
+    return kb * 1024 if kb is not None else None
 
 
 def mem_available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    kb = _proc_kb("/proc/meminfo", "MemAvailable")
+    return kb * 1024 if kb is not None else None
 
 
 def rss_bytes() -> int:

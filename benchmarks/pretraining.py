@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hlip_fed.config import load_config
     from hlip_fed.errors import HlipError
-    from hlip_fed.evaluate import embed_images
+    from hlip_fed.evaluate import embed_images, evaluate
     from hlip_fed.model import create_model, create_tokenizer
     from hlip_fed.train import cycle, make_optimizer, train_steps
-    from simulations.compare import Consortium, heldout_metrics
+    from simulations.compare import Consortium
 
     try:
         cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
@@ -194,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)
         done += n
-        metrics = heldout_metrics(model, tok, cons)
-        emb, ids, _ = embed_images(model, cons.loader(cons.heldout))
+        loader = cons.loader(cons.heldout)
+        embedded = embed_images(model, loader)  # once, for the metrics and the probe
+        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, embedded=embedded)
+        emb, ids, _ = embedded
         probe = probe_aucs(emb, cons.labels, ids, findings)
         if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
             metrics.update(head_aucs(model.visual, head, cons, findings))

@@ -122,14 +122,16 @@ def evaluate(
     model: HLIP, tokenizer: ReportTokenizer, loader: Iterable,
     labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
     template: str = DEFAULT_TEMPLATE, device: str = "cpu", bootstrap: int = 0, seed: int = 0,
+    embedded: tuple[torch.Tensor, list[str], list[str]] | None = None,
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
     labels are left out of zero-shot); ``prompts`` maps finding -> (negatives, positives).
 
     With ``bootstrap > 0`` the studies are resampled that many times and ``<metric>-ci-low`` /
-    ``<metric>-ci-high`` give the 95 % interval of the headline metrics.
+    ``<metric>-ci-high`` give the 95 % interval of the headline metrics. ``embedded`` is
+    :func:`embed_images`' result for ``loader`` when the caller already has it.
     """
-    image_emb, ids, reports = embed_images(model, loader, device)
+    image_emb, ids, reports = embedded if embedded is not None else embed_images(model, loader, device)
     text_emb = embed_texts(model, tokenizer, reports, device=device)
     probs = y = None
     if prompts:

@@ -200,11 +200,9 @@ def _model_masks(path: Path, img_size) -> dict[str, np.ndarray]:
     return out
 
 
-def _mirror_difference(x: np.ndarray, mask: np.ndarray) -> float | None:
-    """Mean absolute difference between ``x`` and its left-right mirror (canonical W axis) in ``mask``."""
-    if not mask.any():
-        return None
-    return float(np.abs(x - x[:, :, ::-1])[mask].mean())
+def _asymmetry(x: np.ndarray) -> np.ndarray:
+    """Absolute difference between ``x`` and its left-right mirror (canonical W axis)."""
+    return np.abs(x - x[:, :, ::-1])
 
 
 def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
@@ -219,22 +217,22 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
 
     root, cfg = Path(consortium_dir), DataConfig()
     base = site_dir(root, cohort)
-    scans = []  # (sequence, is_normal, image, masks)
+    scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     for r in load_records(root, cohort):
         masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size)
         normal = not any(r["labels"][f] for f in FOCAL)
         for scan in r["scans"]:
             x = preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg, img_size)[0].numpy()
-            scans.append((scan["sequence"], normal, x, masks))
+            scans.append((scan["sequence"], normal, _asymmetry(x), masks))
     z: dict[tuple[str, str], list[float]] = {}
-    for seq, _, x, masks in scans:
+    for seq, _, asym, masks in scans:
         for f, mask in masks.items():
-            d = _mirror_difference(x, mask)
-            null = [_mirror_difference(x2, mask) for s2, normal, x2, _ in scans if normal and s2 == seq]
-            null = [v for v in null if v is not None]
-            if d is None or len(null) < max(min_null, 2) or np.std(null) == 0:
+            if not mask.any():
                 continue
-            z.setdefault((f, seq), []).append((d - float(np.mean(null))) / float(np.std(null)))
+            null = [float(a[mask].mean()) for s2, normal, a, _ in scans if normal and s2 == seq]
+            if len(null) < max(min_null, 2) or np.std(null) == 0:
+                continue
+            z.setdefault((f, seq), []).append((float(asym[mask].mean()) - float(np.mean(null))) / float(np.std(null)))
     out: dict[str, dict] = {}
     for (f, seq), values in sorted(z.items()):
         v = np.array(values)
