@@ -97,10 +97,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Intensity normalisation as in the HLIP paper: CT window to [0, 1], MRI percentile clip + min-max.
-    # The default is a head CT blood/subdural window (level 60, width 200 HU): blood, grey and white
-    # matter, oedema and CSF stay apart by 0.05-0.3 of the range. HLIP's chest CT window
-    # (-1150..350) would squeeze a bleed into 0.02 of it; set it for chest or whole-body CT.
-    ct_window: list[float] = field(default_factory=lambda: [-40.0, 160.0])
+    # The default is the brain window head CT is read in (level 40, width 80 HU): a bleed, grey and
+    # white matter, oedema and CSF stay apart by 0.1-0.8 of the range and a hypodense mass with its
+    # oedema by about 0.06. Wider windows dilute them (a subdural window, -40..160, leaves the mass
+    # 0.02; HLIP's chest window, -1150..350, leaves a bleed 0.02); set one for chest or whole-body CT.
+    ct_window: list[float] = field(default_factory=lambda: [0.0, 80.0])
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     # Target voxel spacing in mm (depth, height, width); null keeps the source spacing.
     target_spacing: list[float] | None = None

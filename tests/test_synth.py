@@ -152,7 +152,7 @@ def _weighted_mean(x: np.ndarray, w: np.ndarray) -> float:
 
 def test_every_finding_is_visible_at_model_resolution(tmp_path):
     from hlip_fed.config import DataConfig, load_config
-    from hlip_fed.data.preprocess import preprocess
+    from hlip_fed.data.preprocess import preprocess, unit_intensity
     from hlip_fed.data.readers import read_scan
     from hlip_fed.synth.lesions import CLASSES
     from hlip_fed.synth.render import render_study
@@ -168,7 +168,7 @@ def test_every_finding_is_visible_at_model_resolution(tmp_path):
         for scan, meta in zip(study.scans, scans):
             if scan.array.shape != study.grid_shape:
                 continue  # a thin CT reconstruction: other grid, same anatomy
-            x = preprocess(read_scan(folder / meta["name"]), cfg, size)[0].numpy()
+            x = unit_intensity(preprocess(read_scan(folder / meta["name"]), cfg, size)[0].numpy(), cfg)
             for f in study.findings:
                 expected = EXPECTED[f.name][scan.sequence]
                 if f.name == "atrophy":
@@ -378,6 +378,26 @@ def test_probe_runs_on_a_consortium(consortium):
     assert "pooled" in format_result(result)
 
 
+def test_probe_reads_intensities_not_normalised_inputs(tmp_path):
+    """The probe's CT histogram puts a brain just above mid-window in the bin just above the middle,
+    whatever the model's scalar normalisation."""
+    import nibabel as nib
+
+    from hlip_fed.config import DataConfig
+    from hlip_fed.synth.probe import scan_features, study_features
+
+    lo, hi = DataConfig().ct_window
+    hu = lo + 0.525 * (hi - lo)
+    nib.save(nib.Nifti1Image(np.full((24, 24, 12), hu, np.float32), np.diag([2.0, 2.0, 4.0, 1.0])),
+             str(tmp_path / "ct.nii.gz"))
+    (tmp_path / "ct.json").write_text(json.dumps({"modality": "CT", "sequence": "CT"}))
+    size = (8, 16, 16)
+    feats = study_features(tmp_path, [{"sequence": "CT", "name": "ct.nii.gz"}], DataConfig(), size)
+    n = len(scan_features(np.zeros(size, np.float32))) + 1
+    hist = feats[4 * n: 4 * n + 20]  # CT is the fifth contrast; its histogram has 20 bins over [0, 1]
+    assert hist[10] == pytest.approx(1.0)
+
+
 def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consortium):
     from hlip_fed.synth.probe import FOCAL, format_conspicuity, lesion_conspicuity
 
@@ -387,4 +407,5 @@ def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consorti
     for per in result.values():
         for r in per.values():
             assert r["n"] >= 1 and np.isfinite(r["median_z"]) and 0.0 <= r["frac_z_above_3"] <= 1.0
+            assert -1.0 <= r["median_contrast"] <= 1.0
     assert "| finding | contrast |" in format_conspicuity(result)

@@ -70,6 +70,15 @@ def center_fit(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return t
 
 
+def unit_intensity(x, data_cfg):
+    """Undo step 3: a model input (tensor or array) back on the [0, 1] scale of step 1.
+
+    Analyses that read intensities (a CT value in HU is ``lo + unit * (hi - lo)`` of ``ct_window``)
+    must go through this; the normalised values are centred near 0 and are not intensities.
+    """
+    return x * float(data_cfg.std) + float(data_cfg.mean)
+
+
 def preprocess(volume: Volume, data_cfg, img_size: Sequence[int]) -> torch.Tensor:
     """The model input for one scan: float32 tensor [1, D, H, W] with ``(D, H, W) == img_size``."""
     img_size = [int(s) for s in img_size]

@@ -18,6 +18,10 @@ For a lesion's mask, ``d`` = mean absolute difference between the image and its 
 inside the mask (absolute, so that a lesion with bright and dark parts - an enhancing rim around
 a necrotic core - does not cancel); the same mask laid on every normal study of the same contrast
 gives a null distribution of ``d``; the lesion's z-score is ``(d - mean) / sd`` of that null.
+The z-score is a hard yardstick: heads are neither centred nor straight (table position, head
+rotation), so a normal brain's mirror difference is large wherever tissue boundaries are.
+Beside it, ``median_contrast`` is the plain signed contrast on the model's [0, 1] intensity
+scale: mean inside the lesion minus mean in the mirrored region.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from hlip_fed.synth.truth import cohorts, load_records, site_dir
 
 SEQUENCES = ("T1", "T2", "FLAIR", "T1C", "CT")
 _QUANTILES = (0.5, 2.0, 50.0, 98.0, 99.5)
-BRAIN_WINDOW_HU = (0.0, 100.0)  # the standard CT brain window
 
 
 def _pool(x: np.ndarray, k: tuple[int, int, int] = (2, 4, 4)) -> np.ndarray:
@@ -62,22 +65,18 @@ def scan_features(x: np.ndarray) -> np.ndarray:
 def study_features(study_dir: Path, scans: list[dict], data_cfg, img_size) -> np.ndarray:
     """Per-contrast features, zeros plus a missing flag for contrasts the study lacks.
 
-    CT is read in the model's HU window and then looked at through the usual brain window, as a
-    radiologist would; MR uses the model's percentile scaling as is.
+    Intensities are the model's, before its scalar normalisation: CT in the model's HU window (by
+    default the brain window a radiologist reads a head CT in), MR after percentile scaling.
     """
-    from hlip_fed.data.preprocess import preprocess
+    from hlip_fed.data.preprocess import preprocess, unit_intensity
     from hlip_fed.data.readers import read_scan
 
     per = {}
-    lo, hi = (float(v) for v in data_cfg.ct_window)
     for scan in scans:
         seq = scan["sequence"]
         if seq in per:
             continue
-        x = preprocess(read_scan(study_dir / scan["name"]), data_cfg, img_size)[0].numpy()
-        if seq == "CT":
-            hu = x * (hi - lo) + lo
-            x = np.clip((hu - BRAIN_WINDOW_HU[0]) / (BRAIN_WINDOW_HU[1] - BRAIN_WINDOW_HU[0]), 0.0, 1.0)
+        x = unit_intensity(preprocess(read_scan(study_dir / scan["name"]), data_cfg, img_size)[0].numpy(), data_cfg)
         per[seq] = scan_features(x)
     size = len(scan_features(np.zeros(img_size, dtype=np.float32)))
     parts = []
@@ -212,18 +211,24 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
     from hlip_fed.config import DataConfig
-    from hlip_fed.data.preprocess import preprocess
+    from hlip_fed.data.preprocess import preprocess, unit_intensity
     from hlip_fed.data.readers import read_scan
 
     root, cfg = Path(consortium_dir), DataConfig()
     base = site_dir(root, cohort)
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
+    contrast: dict[tuple[str, str], list[float]] = {}
     for r in load_records(root, cohort):
         masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size)
         normal = not any(r["labels"][f] for f in FOCAL)
         for scan in r["scans"]:
-            x = preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg, img_size)[0].numpy()
+            x = unit_intensity(preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg,
+                                          img_size)[0].numpy(), cfg)
             scans.append((scan["sequence"], normal, _asymmetry(x), masks))
+            for f, mask in masks.items():
+                if mask.any():
+                    shift = float(x[mask].mean() - x[mask[:, :, ::-1]].mean())
+                    contrast.setdefault((f, scan["sequence"]), []).append(shift)
     z: dict[tuple[str, str], list[float]] = {}
     for seq, _, asym, masks in scans:
         for f, mask in masks.items():
@@ -237,13 +242,16 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
     for (f, seq), values in sorted(z.items()):
         v = np.array(values)
         out.setdefault(f, {})[seq] = {"n": int(len(v)), "median_z": float(np.median(v)),
-                                      "frac_z_above_3": float(np.mean(v > 3))}
+                                      "frac_z_above_3": float(np.mean(v > 3)),
+                                      "median_contrast": float(np.median(contrast[(f, seq)]))}
     return out
 
 
 def format_conspicuity(result: dict) -> str:
-    lines = ["| finding | contrast | lesions | median z | share with z > 3 |", "|---|---|---:|---:|---:|"]
+    lines = ["| finding | contrast | lesions | median z | share with z > 3 | median contrast |",
+             "|---|---|---:|---:|---:|---:|"]
     for f, per in result.items():
         for seq, r in per.items():
-            lines.append(f"| {f} | {seq} | {r['n']} | {r['median_z']:.1f} | {r['frac_z_above_3']:.2f} |")
+            lines.append(f"| {f} | {seq} | {r['n']} | {r['median_z']:.1f} | {r['frac_z_above_3']:.2f} "
+                         f"| {r['median_contrast']:+.3f} |")
     return "\n".join(lines)
