@@ -45,6 +45,13 @@ from hlip_fed.train import cycle, make_optimizer, train_steps
 KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10"}
 
 
+def finding_keys(run: dict) -> dict[str, str]:
+    """``zeroshot_auc_<finding>`` for each finding a run scored: a mean near chance can hide one
+    finding that is learnt."""
+    return {f"zeroshot_auc_{k[4:-6]}": k[:-6] for k in run
+            if k.startswith("auc-") and k.endswith("-count") and k != "auc-mean-count" and run[k] > 0}
+
+
 class Consortium:
     """The consortium's datasets, built once and shared by every method and seed."""
 
@@ -181,7 +188,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
     def block(runs: list[dict]) -> dict:
         out = {}
-        for name, key in KEYS.items():
+        for name, key in {**KEYS, **finding_keys(runs[0])}.items():
             vals = [r[key] for r in runs if key in r]
             if not vals:
                 continue
@@ -206,6 +213,7 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def markdown(summary: dict) -> str:
     rows = ["| method | zero-shot AUC | balanced acc | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"]
+    per: list[tuple[str, dict]] = []
 
     def fmt(b: dict, k: str) -> str:
         return f"{b[k]:.3f} ± {b.get(k + '_sd', 0):.3f}" if k in b else "–"
@@ -217,6 +225,12 @@ def markdown(summary: dict) -> str:
                 site, bb = bb["site"], bb
             label = method if site is None else f"{method} ({site})"
             rows.append(f"| {label} | " + " | ".join(fmt(bb, k) for k in KEYS) + " |")
+            per.append((label, bb))
+    names = sorted({k for _, bb in per for k in bb if k.startswith("zeroshot_auc_") and k[13:] != "mean"
+                    and not k.endswith(("_sd", "_ci95"))})
+    if names:
+        rows += ["", "| method | " + " | ".join(f"AUC {k[13:]}" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
+        rows += [f"| {label} | " + " | ".join(fmt(bb, k) for k in names) + " |" for label, bb in per]
     return "\n".join(rows) + "\n"
 
 

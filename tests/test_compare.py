@@ -20,8 +20,11 @@ def test_compare_writes_every_method_with_finite_metrics(mini_consortium, tmp_pa
     for block in blocks:
         for key in ("zeroshot_auc_mean", "balanced_acc_mean", "r1", "r5", "r10"):
             assert 0.0 <= block[key] <= 1.0, (key, block)
+        scored = [k for k in block if k.startswith("zeroshot_auc_") and k[13:] != "mean" and "_" not in k[13:]]
+        assert scored and all(0.0 <= block[k] <= 1.0 for k in scored), block  # per finding, not only the mean
         lo, hi = block["r5_ci95"]
         assert lo <= block["r5"] <= hi
     assert res["local_worst"]["site"] in sites
     assert (out / "results.md").read_text().startswith("| method")
+    assert "| AUC " in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000
