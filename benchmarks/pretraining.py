@@ -124,22 +124,24 @@ def supervised_steps(visual, head, batches, opt, labels, findings, steps, train_
     return sum(losses) / len(losses)
 
 
-def head_aucs(visual, head, cons, findings) -> dict[str, float]:
-    """Held-out AUC per finding of the supervised head, keyed like the zero-shot metrics."""
+def head_aucs(visual, head, cons, findings, dataset=None, labels=None) -> dict[str, float]:
+    """AUC per finding of the supervised head, keyed like the zero-shot metrics: on the held-out
+    set, or on ``dataset`` with its ``labels``."""
     import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
+    labels = cons.labels if labels is None else labels
     visual.eval()
     scores, ids = [], []
     with torch.no_grad():
-        for images, mask, _, batch_ids in cons.loader(cons.heldout):
+        for images, mask, _, batch_ids in cons.loader(cons.heldout if dataset is None else dataset):
             scores.append(head(visual(images, mask)))
             ids += batch_ids
     p = torch.cat(scores).numpy()
     out = {}
     for j, f in enumerate(findings):
-        y = np.array([cons.labels[i][f] for i in ids])
+        y = np.array([labels[i][f] for i in ids])
         out[f"auc-{f}"] = float(roc_auc_score(y, p[:, j])) if 0 < y.sum() < len(y) else float("nan")
     out["auc-mean"] = float(np.nanmean([out[f"auc-{f}"] for f in findings]))
     return out

@@ -77,3 +77,18 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
               "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
     assert sup.returncode == 0, (sup.stdout + sup.stderr)[-3000:]
     assert "supervised head" in sup.stdout
+
+
+def test_cnn_reference_writes_train_and_heldout_aucs(mini_consortium, tmp_path):
+    out = tmp_path / "cnn.json"
+    proc = run("cnn_reference.py", str(mini_consortium), "--config", "", "--steps", "2", "--every", "1",
+               "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["step"] for r in data["curve"]] == [1, 2] and data["heldout_studies"] == 4
+    for row in data["curve"]:
+        assert math.isfinite(row["loss"])
+        assert any(k.startswith("heldout_") for k in row) and any(k.startswith("train_") for k in row)
+    assert "| step | epochs | train BCE |" in proc.stdout
+    bad = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sites", "nowhere", timeout=600)
+    assert bad.returncode == 2 and "no site nowhere" in bad.stderr and "Traceback" not in bad.stderr
