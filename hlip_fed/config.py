@@ -162,6 +162,10 @@ class FederationConfig:
     transport: str = "fp32"
     send_deltas: bool = False
     round_timeout_s: float = 600.0
+    # How often the server asks the SuperLink for replies while a round's sites work. Deployment's
+    # grid waits 3 s between asks (up to 6 s of idle server per round); the simulation's asks every
+    # 0.1 s, the default here.
+    poll_interval_s: float = 0.1
     # Update screening: reject a site whose update norm |w_site - w_global| is more than this many
     # times the round's (lower) median update norm; 0 disables it.
     max_update_ratio: float = 10.0
@@ -300,6 +304,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")
     if fed.node_wait_s <= 0:
         raise ConfigError("federation.node_wait_s must be positive: waiting for sites is bounded")
+    if not 0 < fed.poll_interval_s <= 3:
+        raise ConfigError("federation.poll_interval_s must be in (0, 3] seconds")
     if not 1 <= fed.quorum <= max(fed.min_nodes, 1):
         raise ConfigError(f"federation.quorum must be between 1 and federation.min_nodes ({fed.min_nodes})")
     if fed.dp not in ("off", "server_fixed"):

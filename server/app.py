@@ -15,6 +15,7 @@ from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
 from hlip_fed.report import plot_run
+from server.grid import PromptGrid
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -51,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(metrics) if metrics else None
 
     result = strategy.start(
-        grid=grid,
+        grid=PromptGrid(grid, cfg.federation.poll_interval_s),
         initial_arrays=ArrayRecord(coord.initial_arrays()),
         num_rounds=remaining,
         timeout=cfg.federation.round_timeout_s,

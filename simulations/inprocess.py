@@ -29,6 +29,7 @@ class InProcessGrid(Grid):
         self.tamper, self.fail_at_round = tamper, fail_at_round
         self.ids = itertools.count(1)
         self.sent = []  # (node, round, reply content) of every train reply
+        self.replies = {}  # message id -> reply not yet pulled
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
 
     def set_run(self, run):
@@ -45,13 +46,8 @@ class InProcessGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        """Run each message's ClientApp now; the replies wait for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             server_round = int(msg.content["config"]["server-round"])
@@ -72,8 +68,15 @@ class InProcessGrid(Grid):
                 reply = self.tamper(node, msg.metadata.message_type, reply) or reply
             if msg.metadata.message_type == "train" and not reply.has_error():
                 self.sent.append((node, server_round, reply.content))
-            replies.append(reply)
-        return replies
+            self.replies[incoming.metadata.message_id] = reply
+            ids.append(incoming.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_federation(run_config: dict, num_nodes: int, run_id: int = 1, **grid_kwargs) -> InProcessGrid:

@@ -35,6 +35,7 @@ def test_preset_chosen_by_override():
         ("model.vision.depth=4", "levels"),
         ("model.preset=vit_huge", "vit_huge"),
         ("data.fit=stretch", "data.fit"),
+        ("federation.poll_interval_s=0", "poll_interval_s"),
     ],
 )
 def test_bad_keys_are_clear_errors(override, needle):
