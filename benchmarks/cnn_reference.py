@@ -18,7 +18,6 @@ is memorisation, i.e. too few examples for the finding, not an invisible finding
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, table, write_json  # noqa: E402
-from benchmarks.pretraining import head_aucs, supervised_steps  # noqa: E402
+from benchmarks.pretraining import head_aucs, open_consortium, supervised_steps  # noqa: E402
 
 
 class ConvReference(nn.Module):
@@ -75,18 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.utils.data import ConcatDataset
 
-    from hlip_fed.config import load_config
-    from hlip_fed.errors import HlipError
     from hlip_fed.synth.truth import load_records
     from hlip_fed.train import cycle
-    from simulations.compare import Consortium
 
-    try:
-        cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
-        cons = Consortium(args.data, cfg)
-    except HlipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    opened = open_consortium(args.data, args.config, args.overrides)
+    if opened is None:
         return 2
+    cfg, cons = opened
     chosen = [s for s in args.sites.split(",") if s] or list(cons.train)
     unknown = sorted(set(chosen) - set(cons.train))
     if unknown:

@@ -39,6 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, table, write_json  # noqa: E402
 
 
+def open_consortium(data: Path, config: str, overrides: str):
+    """``(cfg, Consortium)`` for a benchmark's arguments, or ``None`` after a one-line error."""
+    from hlip_fed.config import load_config
+    from hlip_fed.errors import HlipError
+    from simulations.compare import Consortium
+
+    try:
+        cfg = load_config(files=[config] if config else [], overrides=shlex.split(overrides))
+        return cfg, Consortium(data, cfg)
+    except HlipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def probe_aucs(embeddings, labels: dict, ids: list[str], findings) -> dict[str, float]:
     """Cross-validated logistic-regression AUC per finding on frozen embeddings."""
     import numpy as np
@@ -162,19 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import ConcatDataset
 
-    from hlip_fed.config import load_config
-    from hlip_fed.errors import HlipError
     from hlip_fed.evaluate import embed_images, evaluate
     from hlip_fed.model import create_model, create_tokenizer
     from hlip_fed.train import cycle, make_optimizer, train_steps
-    from simulations.compare import Consortium
 
-    try:
-        cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
-        cons = Consortium(args.data, cfg)
-    except HlipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    opened = open_consortium(args.data, args.config, args.overrides)
+    if opened is None:
         return 2
+    cfg, cons = opened
     torch.manual_seed(args.seed)
     model, tok = create_model(cfg.model, seed=args.seed), create_tokenizer(cfg.model)
     opt = make_optimizer(model, cfg.train)
