@@ -4,7 +4,9 @@ A fresh Flower home defines only the ``local`` connection, and ``flwr run`` read
 ``$FLWR_HOME/config.toml``. This writes one whose ``local-simulation`` connection runs one
 simulated SuperNode per site of a consortium, each with one CPU, and tells the simulation's Ray
 how many CPUs this process may use (Ray otherwise counts the host's, and runs more ClientApp
-actors than there are cores to run them).
+actors than there are cores to run them). Each home also gets its own pair of ports for the local
+SuperLink that ``flwr run`` starts (Flower's default is one fixed pair per machine, so a second
+simulation - a test beside a demo - would submit its run to the first one's SuperLink).
 
     python -m simulations.flower_home --home .flwr --data data/demo
     FLWR_HOME=.flwr flwr run . local-simulation --stream
@@ -13,8 +15,10 @@ actors than there are cores to run them).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
@@ -41,19 +45,42 @@ FLOWER_ENV = {
 }
 
 
+PORTS_FILE = "local-ports.json"  # this home's local SuperLink ports, as flwr's environment variables
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def write_flower_home(home: str | Path, sites: int) -> Path:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
     path.write_text(CONFIG.format(sites=sites, cpus=len(os.sched_getaffinity(0))))
+    ports = home / PORTS_FILE
+    if not ports.exists():  # kept across rewrites, so a SuperLink this home left running is found again
+        http, control = _free_ports(2)
+        ports.write_text(json.dumps({"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+                                     "FLWR_LOCAL_CONTROL_API_PORT": str(control)}) + "\n")
     return path
 
 
 def flower_env(home: str | Path) -> dict[str, str]:
-    """The environment for a ``flwr`` process: this Flower home and the privacy switches."""
+    """The environment for a ``flwr`` process: this Flower home, its local SuperLink's ports and the
+    privacy switches."""
     import sys
 
     env = dict(os.environ, FLWR_HOME=str(Path(home).resolve()), **FLOWER_ENV)
+    ports = Path(home) / PORTS_FILE
+    if ports.exists():
+        env.update(json.loads(ports.read_text()))
     bin_dir = str(Path(sys.executable).parent)  # flower-superlink lives beside this interpreter
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
