@@ -14,9 +14,10 @@ All methods get the same compute: batch size ``train.batch_size`` and a budget o
 * ``loso``: for each site, the federation of the other sites, evaluated on that site's test split.
 
 Everything but ``loso`` is evaluated on the consortium's held-out set. ``OUT/results.json`` has one
-block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5``, ``r10`` (mean
-over seeds, with ``sd`` and a bootstrap 95 % interval over held-out studies); ``OUT/results.md`` and
-``OUT/results.png`` show the same. If ``DIR`` does not exist it is generated (``--preset``).
+block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5``, ``r10`` and
+``zeroshot_auc_<finding>`` (mean over seeds, with ``_sd`` from two seeds on and the first seed's
+bootstrap 95 % interval over held-out studies); ``OUT/results.md`` and ``OUT/results.png`` show
+the same. If ``DIR`` does not exist it is generated (``--preset``).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def summarise(per_seed: list[dict]) -> dict:
             if not vals:
                 continue
             out[name] = float(np.mean(vals))
-            out[f"{name}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            if len(vals) > 1:  # one seed has no spread to report
+                out[f"{name}_sd"] = float(np.std(vals, ddof=1))
             lo, hi = runs[0].get(f"{key}-ci-low"), runs[0].get(f"{key}-ci-high")
             if lo is not None:
                 out[f"{name}_ci95"] = [lo, hi]
@@ -216,7 +218,9 @@ def markdown(summary: dict) -> str:
     per: list[tuple[str, dict]] = []
 
     def fmt(b: dict, k: str) -> str:
-        return f"{b[k]:.3f} ± {b.get(k + '_sd', 0):.3f}" if k in b else "–"
+        if k not in b:
+            return "–"
+        return f"{b[k]:.3f} ± {b[k + '_sd']:.3f}" if k + "_sd" in b else f"{b[k]:.3f}"
 
     for method, b in summary.items():
         blocks = b.items() if method in ("local", "loso") else [(None, b)]
