@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, table, write_json  # noqa: E402
-from benchmarks.pretraining import head_aucs, open_consortium, supervised_steps  # noqa: E402
+from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, supervised_steps  # noqa: E402
 
 
 class ConvReference(nn.Module):
@@ -61,15 +61,8 @@ class ConvReference(nn.Module):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="consortium folder (from `hlip-fed synth`)")
-    parser.add_argument("--config", default="demo", help="run preset or YAML (input size, data settings)")
-    parser.add_argument("--overrides", default="train.batch_size=8 train.lr=1e-3 train.warmup_steps=10",
-                        help="space-separated dotted config overrides")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--every", type=int, default=300)
+    add_run_args(parser, steps=1500, every=300, overrides="train.batch_size=8 train.lr=1e-3 train.warmup_steps=10")
     parser.add_argument("--sites", default="", help="comma-separated sites to train on (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the curve as JSON here")
     args = parser.parse_args(argv)
 
     from torch.utils.data import ConcatDataset

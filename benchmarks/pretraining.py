@@ -39,6 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, table, write_json  # noqa: E402
 
 
+def add_run_args(parser: argparse.ArgumentParser, steps: int, every: int, overrides: str = "") -> None:
+    """The arguments every training benchmark on a consortium takes: data, config, length, seed, JSON."""
+    parser.add_argument("data", type=Path, help="consortium folder (from `hlip-fed synth`)")
+    parser.add_argument("--config", default="demo", help="run preset or YAML")
+    parser.add_argument("--overrides", default=overrides, help="space-separated dotted config overrides")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--every", type=int, default=every)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the curve as JSON here")
+
+
 def open_consortium(data: Path, config: str, overrides: str):
     """``(cfg, Consortium)`` for a benchmark's arguments, or ``None`` after a one-line error."""
     from hlip_fed.config import load_config
@@ -163,14 +174,8 @@ def head_aucs(visual, head, cons, findings, dataset=None, labels=None) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="consortium folder (from `hlip-fed synth`)")
-    parser.add_argument("--config", default="demo", help="run preset or YAML")
-    parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_args(parser, steps=800, every=100)
     parser.add_argument("--objective", choices=("clip", "supervised"), default="clip")
-    parser.add_argument("--json", help="write the curve as JSON here")
     args = parser.parse_args(argv)
 
     import torch

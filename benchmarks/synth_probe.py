@@ -8,8 +8,9 @@ input), fits one logistic regression per finding on generic image statistics and
 ROC AUCs for the pooled probe (all sites' training studies) and for each site alone. The
 benchmark is meant to sit between chance and saturation: pooled mean AUC clearly above 0.5 and at
 most about 0.95, and the worst single site clearly below pooled. It then prints how conspicuous each
-focal lesion is at the model's input (z-score of its mirror difference against normal studies of
-the same contrast, see ``hlip_fed.synth.probe.lesion_conspicuity``).
+focal lesion is at the model's input (its signed contrast against the mirrored region, and a
+z-score of its mirror difference against normal studies of the same contrast, see
+``hlip_fed.synth.probe.lesion_conspicuity``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_probe(root)
     print(format_result(result))
     result["conspicuity"] = lesion_conspicuity(root)
-    print("Lesion conspicuity on the held-out set (model input, mean shift against normal asymmetry):\n")
+    print("Lesion conspicuity on the held-out set (model input: contrast against the mirrored region, "
+          "and asymmetry against normal studies):\n")
     print(format_conspicuity(result["conspicuity"]))
     print(f"probe took {time.monotonic() - t:.0f}s", file=sys.stderr)
     if args.json:

@@ -206,7 +206,8 @@ def _asymmetry(x: np.ndarray) -> np.ndarray:
 
 def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
                        min_null: int = 5) -> dict:
-    """``{finding: {sequence: {"n", "median_z", "frac_z_above_3"}}}`` at the model's input.
+    """``{finding: {sequence: {"n", "median_z", "frac_z_above_3", "median_contrast"}}}`` at the
+    model's input.
 
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
