@@ -12,6 +12,12 @@ scores for being *different* in the direction the text cares about. Positive sco
 study towards the text. It is one backward pass, needs no change to the model and makes no claim
 beyond the linearisation it is.
 
+A zero-shot decision is a choice between texts, and a CLIP-style embedding space has a large
+component that every report shares: the similarity to one text alone is mostly that component,
+so its map shows what makes a study look like *any* report. With a ``versus`` text the map
+explains ``s(text) - s(versus)``, the logit difference the zero-shot classifier thresholds
+("an intracranial bleed" versus "no intracranial bleed"); the shared component cancels.
+
 Patch scores live on each scan's patch grid in the model's input space; they are mapped back to
 the scan as it was read (inverting the preprocessing geometry) to be overlaid on axial, coronal
 and sagittal slices through each scan's strongest patch.
@@ -46,11 +52,12 @@ class ScanMap:
 
 
 def patch_scores(model, tokenizer, images: torch.Tensor, text: str,
-                 scan_mask: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+                 scan_mask: torch.Tensor | None = None, versus: str | None = None) -> tuple[np.ndarray, float]:
     """Gradient x (input - scan mean) of the image-text similarity on the patch tokens.
 
     ``images`` is one study ``[N, 1, D, H, W]``; returns scores ``[N, gd, gh, gw]`` and the cosine
-    similarity itself.
+    similarity itself (with ``versus``: the similarity to ``text`` minus that to ``versus``, which
+    is also what the scores explain).
     """
     model.eval()
     captured: dict[str, torch.Tensor] = {}
@@ -63,6 +70,8 @@ def patch_scores(model, tokenizer, images: torch.Tensor, text: str,
         with torch.enable_grad():
             with torch.no_grad():
                 txt = model.encode_text(**tokenizer([text]))
+                if versus is not None:
+                    txt = txt - model.encode_text(**tokenizer([versus]))
             mask = scan_mask if scan_mask is not None else torch.ones(1, images.shape[0], dtype=torch.bool)
             img = model.encode_image(images[None], mask)
             sim = (img * txt).sum()
@@ -107,13 +116,15 @@ def to_volume_grid(input_map: np.ndarray, volume, data_cfg, img_size) -> np.ndar
     return t[0, 0].numpy()
 
 
-def explain_study(model, tokenizer, study, text: str, data_cfg) -> tuple[list[ScanMap], float, list]:
-    """Per-scan maps of one study for ``text``; also the similarity and the scans' Volumes."""
+def explain_study(model, tokenizer, study, text: str, data_cfg,
+                  versus: str | None = None) -> tuple[list[ScanMap], float, list]:
+    """Per-scan maps of one study for ``text`` (against ``versus``); also the similarity (difference)
+    and the scans' Volumes."""
     from hlip_fed.inference import load_study_tensor
 
     img_size = [int(s) for s in model.cfg.vision.img_size]
     images, volumes = load_study_tensor(study, data_cfg, img_size)
-    scores, sim = patch_scores(model, tokenizer, images, text)
+    scores, sim = patch_scores(model, tokenizer, images, text, versus=versus)
     out = []
     for k, vol in enumerate(volumes):
         s = scores[k]

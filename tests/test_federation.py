@@ -170,3 +170,17 @@ def test_operational_settings_do_not_block_a_resume():
                                           "federation.max_update_ratio=0", "train.threads=1", "data.cache_dir=/x"])
     other = load_config("tiny", overrides=["train.lr=0.1"])
     assert resume_hash(base) == resume_hash(same) != resume_hash(other)
+
+
+def test_truth_labels_that_do_not_apply_read_as_unknown(tmp_path):
+    """A null label (the size of an absent lesion) is -1, which the metrics leave out."""
+    from hlip_fed.errors import HlipError
+    from hlip_fed.federation.run import read_labels
+
+    path = tmp_path / "site.jsonl"
+    path.write_text('{"study_id": "a", "labels": {"lesion": 0, "size": null}}\n'
+                    '{"study_id": "b", "labels": {"lesion": 1, "size": 1}}\n')
+    assert read_labels(path) == {"a": {"lesion": 0, "size": -1}, "b": {"lesion": 1, "size": 1}}
+    path.write_text('{"study_id": "a", "labels": {"lesion": "yes"}}\n')
+    with pytest.raises(HlipError, match="site.jsonl: cannot read labels"):
+        read_labels(path)

@@ -1,14 +1,17 @@
-"""Inference commands end to end on a model trained here on an easy phantom site.
+"""Inference commands end to end on the model that the demo's federated training saves.
 
-The site: CT-like phantoms (an ellipsoid "brain" in air) where half the studies hold one lesion,
-bright or dark, small or large, left or right, at a random place; the report names the size and
-side ("Large lesion in the left hemisphere.") but never the contrast; the ground truth (lesion,
-contrast, size, side) and lesion masks sit outside the site folder. A tiny HLIP with a one-layer
-text tower is trained on it for a few hundred steps with the project's training loop.
+The consortium: CT-like phantoms (an ellipsoid "brain" in air) where half the studies hold one
+obvious lesion, bright or dark, small or large, left or right, at a random place; the report names
+the size and side ("Large lesion in the left hemisphere.") but never the contrast; the ground truth
+(lesion, contrast, size, side) and lesion masks sit outside the site folders, as in the phantom
+consortium. Three hospitals federate with the demo run preset (tiny HLIP, the real MiniLM text
+tower locked, FedAvg) through the project's ServerApp and ClientApp; the commands then read the
+model folder the ServerApp saved and are scored on the held-out set and on a fourth hospital.
 """
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -16,71 +19,74 @@ import torch
 
 from hlip_fed.cli import main
 
-from conftest import TINY_BERT
+# The demo run preset (tiny HLIP, the MiniLM text tower locked, FedAvg) at this consortium's scan
+# size and with enough rounds to learn it: 3 sites x 12 rounds x 10 local steps of 16 studies.
+DEMO_OVERRIDES = ["model.vision.img_size=[16,32,32]", "model.vision.patch_size=[4,8,8]", "federation.min_nodes=3",
+                  "federation.rounds=12", "federation.local_steps=10", "train.batch_size=16", "train.lr=1e-3"]
 
 SIDES = ("none", "left", "right")
+NORMAL = "No focal abnormality."  # the report of a study without a lesion
+PROMPTS = {"lesion": [NORMAL, "Lesion."]}
+DATA_OVERRIDES = ["data.ct_window=[0.0, 100.0]", "data.mean=0.2", "data.std=0.2", "data.max_scans=2"]
 DATA_YAML = "data:\n  ct_window: [0.0, 100.0]\n  mean: 0.2\n  std: 0.2\n  max_scans: 2\n"
+# Three hospitals that federate, the public held-out set, and a hospital that did not take part and
+# adapts the model with its own labels (finetune): (folder, cohort name, {split: studies}).
+COHORTS = (("sites/site0", "site0", {"train": 50, "test": 10}), ("sites/site1", "site1", {"train": 50, "test": 10}),
+           ("sites/site2", "site2", {"train": 50, "test": 10}), ("heldout", "heldout", {"test": 80}),
+           ("newsite", "newsite", {"train": 60, "test": 60}))
 
 
-def write_lesion_site(root, train=150, test=60, seed=0):
+def write_lesion_consortium(root, seed=0):
+    """The consortium layout of :mod:`hlip_fed.synth` with easy CT-like phantoms (module docstring)."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
     shape, affine = (32, 32, 16), np.diag([2.0, 2.0, 4.0, 1.0])
     xx, yy, zz = np.meshgrid(*(np.arange(n) + 0.5 for n in shape), indexing="ij")
     brain = ((xx - 16) / 14.5) ** 2 + ((yy - 16) / 14) ** 2 + ((zz - 8) / 7.2) ** 2 <= 1.0
-    rows, masks = [], root / "truth" / "masks" / "site"
-    masks.mkdir(parents=True)
-    for split, n in (("train", train), ("test", test)):
-        for i in range(n):
-            sid = f"{split}-{i:03d}"
-            kind = 0 if rng.random() < 0.5 else int(rng.integers(1, 3))  # none, bright, dark
-            side, size = (int(rng.integers(1, 3)), int(rng.integers(0, 2))) if kind else (0, None)
-            lesion = np.zeros(shape, bool)
-            if kind:
-                cx = rng.uniform(8, 11) if side == 1 else rng.uniform(21, 24)
-                c = (cx, rng.uniform(11, 21), rng.uniform(6.5, 9.5))
-                r = (4.5, 4.5, 2.5) if size == 0 else (6.5, 6.5, 3.5)
-                lesion = (sum(((g - ci) / ri) ** 2 for g, ci, ri in zip((xx, yy, zz), c, r)) <= 1.0) & brain
-            base = np.where(brain, 40.0, -1000.0) + lesion * (45.0 if kind == 1 else -30.0)
-            folder = root / "site" / split / sid
-            folder.mkdir(parents=True)
-            for k in range(1 + int(rng.random() < 0.2)):
-                vol = base + rng.normal(0, 5 + 2 * k, shape) + lesion * rng.normal(0, 30, shape)
-                nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), folder / f"scan{k}.nii.gz")
-                (folder / f"scan{k}.json").write_text('{"modality": "CT"}')
-            words = f"{'Small' if size == 0 else 'Large'} lesion in the {SIDES[side]} hemisphere."
-            (folder / "report.txt").write_text(words if kind else "No focal abnormality.")
-            nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), masks / f"{sid}.nii.gz")
-            rows.append({"study_id": sid, "split": split, "labels": {
-                "lesion": int(kind > 0), "contrast": kind - 1 if kind else None, "size": size, "side": side}})
-    (root / "truth" / "site.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for folder, name, splits in COHORTS:
+        rows, masks = [], root / "truth" / "masks" / name
+        masks.mkdir(parents=True)
+        for split, n in splits.items():
+            for i in range(n):
+                sid = f"{name}-{split}-{i:03d}"
+                kind = 0 if rng.random() < 0.5 else int(rng.integers(1, 3))  # none, bright, dark
+                side, size = (int(rng.integers(1, 3)), int(rng.integers(0, 2))) if kind else (0, None)
+                lesion = np.zeros(shape, bool)
+                if kind:
+                    cx = rng.uniform(8, 11) if side == 1 else rng.uniform(21, 24)
+                    c = (cx, rng.uniform(11, 21), rng.uniform(6.5, 9.5))
+                    r = (4.5, 4.5, 2.5) if size == 0 else (6.5, 6.5, 3.5)
+                    lesion = (sum(((g - ci) / ri) ** 2 for g, ci, ri in zip((xx, yy, zz), c, r)) <= 1.0) & brain
+                base = np.where(brain, 40.0, -1000.0) + lesion * (45.0 if kind == 1 else -30.0)
+                study = root / folder / split / sid
+                study.mkdir(parents=True)
+                for k in range(1 + int(rng.random() < 0.2)):
+                    vol = base + rng.normal(0, 5 + 2 * k, shape) + lesion * rng.normal(0, 30, shape)
+                    nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), study / f"scan{k}.nii.gz")
+                    (study / f"scan{k}.json").write_text('{"modality": "CT"}')
+                words = f"{'Small' if size == 0 else 'Large'} lesion in the {SIDES[side]} hemisphere."
+                (study / "report.txt").write_text(words if kind else "No focal abnormality.")
+                nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), masks / f"{sid}.nii.gz")
+                rows.append({"study_id": sid, "split": split, "labels": {
+                    "lesion": int(kind > 0), "contrast": kind - 1 if kind else None, "size": size, "side": side}})
+        (root / "truth" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "prompts.json").write_text(json.dumps(PROMPTS))
     (root / "data.yaml").write_text(DATA_YAML)
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(site root, model folder) after training the tiny HLIP on the easy site."""
-    from torch.utils.data import DataLoader
+    """(consortium root, model folder) after the demo's federated training on the easy consortium."""
+    from simulations.inprocess import run_federation
 
-    from hlip_fed.config import load_config
-    from hlip_fed.data.dataset import SiteDataset, collate_studies
-    from hlip_fed.model import create_model, create_tokenizer
-    from hlip_fed.train import cycle, train_steps
-
-    root = write_lesion_site(tmp_path_factory.mktemp("lesions"))
-    cfg = load_config("tiny", files=[root / "data.yaml"], overrides=TINY_BERT + [
-        "model.text.lock=false", "model.vision.img_size=[16,32,32]", "model.vision.patch_size=[4,8,8]",
-        "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=5"])
-    ds = SiteDataset(root / "site", cfg.data, cfg.model.vision.img_size, split="train")
-    studies = [ds[i] for i in range(len(ds))]  # 150 small studies: decode once
-    loader = DataLoader(studies, batch_size=16, shuffle=True, collate_fn=collate_studies,
-                        generator=torch.Generator().manual_seed(0))
-    model, tok = create_model(cfg.model, seed=0), create_tokenizer(cfg.model)
-    torch.manual_seed(0)
-    train_steps(model, tok, cycle(loader, 0), cfg.train, steps=300)
-    return root, model.save_pretrained(root / "model")
+    root = write_lesion_consortium(tmp_path_factory.mktemp("lesions"))
+    run_config = {"config": "demo", "data-root": str(root), "run-dir": str(root / "run"),
+                  "overrides": " ".join(shlex.quote(o) for o in DEMO_OVERRIDES + DATA_OVERRIDES + [
+                      f"data.cache_dir={root / 'cache'}"])}
+    run_federation(run_config, num_nodes=3)
+    return root, root / "run" / "model"
 
 
 def report(capsys, text):
@@ -98,19 +104,19 @@ def run_json(capsys, argv):
 def test_predict_picks_the_finding_and_reports_calibration(trained, capsys):
     root, model = trained
     out = run_json(capsys, ["predict", "--model", str(model), "--config", str(root / "data.yaml"),
-                            str(root / "site"), "--split", "test", "--labels", "No focal abnormality.,Lesion.",
-                            "--labels-file", str(root / "truth" / "site.jsonl"), "--finding", "lesion",
+                            str(root / "heldout"), "--split", "test", "--labels", "No focal abnormality.,Lesion.",
+                            "--labels-file", str(root / "truth" / "heldout.jsonl"), "--finding", "lesion",
                             "--calibration-out", str(root / "temperature.json"), "--json"])
     cal = out["calibration"]
     report(capsys, f"predict: accuracy {cal['accuracy']:.3f} (all {cal['accuracy_all']:.3f}, chance {cal['chance']:.3f}); "
           f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} (T={cal['temperature']:.3g})")
-    assert len(out["studies"]) == 60 and cal["n_calibration"] + cal["n_evaluation"] == 60
+    assert len(out["studies"]) == 80 and cal["n_calibration"] + cal["n_evaluation"] == 80
     assert cal["accuracy_all"] >= cal["chance"] + 0.25  # the commonest class alone is ~0.5
     assert all(math.isfinite(cal[k]) for k in ("ece_before", "ece_after", "temperature"))
     row = out["studies"][0]
     assert abs(sum(row["probabilities"].values()) - 1) < 1e-5 and row["truth"] in row["probabilities"]
     # a fitted temperature file applies to later predictions, and a single NIfTI file is a study
-    scan = root / "site" / "test" / "test-000" / "scan0.nii.gz"
+    scan = root / "heldout" / "test" / "heldout-test-000" / "scan0.nii.gz"
     again = run_json(capsys, ["predict", "--model", str(model), "--config", str(root / "data.yaml"), str(scan),
                               "--labels", "No focal abnormality.,Lesion.", "--temperature", str(root / "temperature.json"),
                               "--json"])
@@ -119,51 +125,63 @@ def test_predict_picks_the_finding_and_reports_calibration(trained, capsys):
     assert "two class names" in capsys.readouterr().err
 
 
-def tie_aware_top1(sim_rows, own_ids):
-    """Expected rate of the own report ranking first when exact ties are broken at random."""
-    rate = []
-    for row, own in zip(sim_rows, own_ids):
-        best = max(row.values())
-        top = [i for i, s in row.items() if s >= best - 1e-6]
-        rate.append((own in top) / len(top))
-    return float(np.mean(rate))
+def own_report_first(results, reports):
+    """Queries whose top-ranked report is their own, and each query's chance of that.
+
+    Identical report texts are one document (their embeddings, hence scores, are identical), so a
+    query hits when the top score belongs to its own text alone; a random ranking puts that text
+    first with probability (studies with that text) / (all studies)."""
+    texts = list(reports.values())
+    hits, chance = 0, []
+    for r in results:
+        own = reports[r["query"]]
+        best = max(m["score"] for m in r["matches"])
+        hits += {reports[m["id"]] for m in r["matches"] if m["score"] >= best - 1e-6} == {own}
+        chance.append(texts.count(own) / len(texts))
+    return hits, np.array(chance)
 
 
 def test_retrieve_ranks_the_own_report_first_more_often_than_chance(trained, capsys, tmp_path):
+    from hlip_fed.explain import poisson_binomial_sf
+    from hlip_fed.inference import find_studies
+
     root, model = trained
-    test_dir = root / "site" / "test"
+    test_dir = root / "heldout" / "test"
+    reports = {s.study_id: s.report for s in find_studies([test_dir])}
+    n = len(reports)
     out = run_json(capsys, ["retrieve", "--model", str(model), "--config", str(root / "data.yaml"),
-                            "--query", str(test_dir), "--reports", str(test_dir), "-k", "60", "--json"])
-    rows = [{m["id"]: m["score"] for m in r["matches"]} for r in out["results"]]
-    rate = tie_aware_top1(rows, [r["query"] for r in out["results"]])
-    report(capsys, f"retrieve: own report first {rate:.3f} of {len(rows)} queries (chance {1 / 60:.3f})")
-    assert len(rows) == 60 and rate > 2 / 60
+                            "--query", str(test_dir), "--reports", str(test_dir), "-k", str(n), "--json"])
+    hits, chance = own_report_first(out["results"], reports)
+    p_value = poisson_binomial_sf(chance, hits)
+    report(capsys, f"retrieve: own report first for {hits}/{n} queries (chance {chance.mean():.3f}), p = {p_value:.2g}")
+    assert len(out["results"]) == n and all(len(r["matches"]) == n for r in out["results"]) and p_value < 0.01
     # the reverse direction, with a corpus cache that the second call reuses
     cache = tmp_path / "emb.pt"
     argv = ["retrieve", "--model", str(model), "--config", str(root / "data.yaml"), "--text", "Large lesion in the left hemisphere.",
             "--studies", str(test_dir), "-k", "5", "--cache", str(cache), "--json"]
     first = run_json(capsys, argv)
     second = run_json(capsys, argv)
-    assert first["cache"]["embedded"] == 60 and second["cache"] == {"path": str(cache), "reused": 60, "embedded": 0}
+    assert first["cache"]["embedded"] == n and second["cache"] == {"path": str(cache), "reused": n, "embedded": 0}
     assert [m["id"] for m in first["results"][0]["matches"]] == [m["id"] for m in second["results"][0]["matches"]]
-    truth = {json.loads(x)["study_id"]: json.loads(x)["labels"] for x in (root / "truth" / "site.jsonl").read_text().splitlines()}
+    truth = {json.loads(x)["study_id"]: json.loads(x)["labels"] for x in (root / "truth" / "heldout.jsonl").read_text().splitlines()}
     assert sum(truth[m["id"]]["lesion"] for m in first["results"][0]["matches"]) >= 4
 
 
 def test_finetune_beats_zero_shot_with_ten_shots(trained, capsys, tmp_path):
-    """Reports give size, so zero-shot knows something; ten labelled studies per class add more."""
+    """A hospital outside the federation adapts the model with its own labels, for what no report
+    says: whether a lesion is brighter or darker than the brain. Zero-shot can only guess at it."""
     root, model = trained
     out = run_json(capsys, ["finetune", "--model", str(model), "--config", str(root / "data.yaml"),
-                            "--data", str(root / "site"), "--labels-file", str(root / "truth" / "site.jsonl"),
-                            "--finding", "size", "--labels", "Small lesion.,Large lesion.", "--shots", "1,10",
+                            "--data", str(root / "newsite"), "--labels-file", str(root / "truth" / "newsite.jsonl"),
+                            "--finding", "contrast", "--labels", "Bright lesion.,Dark lesion.", "--shots", "1,10",
                             "--repeats", "2", "--steps", "20", "--out", str(tmp_path / "fs"), "--json"])
     zero = out["zero_shot"]["balanced_accuracy"]
     ten = {s["method"]: s["balanced_accuracy"] for s in out["summary"] if s["shots"] == 10}
-    report(capsys, f"finetune (size, 10 shots/class, balanced accuracy): zero-shot {zero:.3f}, probe {ten['probe']:.3f}, "
+    report(capsys, f"finetune (contrast, 10 shots/class, balanced accuracy): zero-shot {zero:.3f}, probe {ten['probe']:.3f}, "
           f"full {ten['full']:.3f}")
     assert max(ten.values()) > zero
     assert {p.name for p in (tmp_path / "fs").iterdir()} >= {"fewshot.md", "fewshot.json", "fewshot.png", "probe.json"}
-    assert json.loads((tmp_path / "fs" / "probe.json").read_text())["classes"] == ["Small lesion.", "Large lesion."]
+    assert json.loads((tmp_path / "fs" / "probe.json").read_text())["classes"] == ["Bright lesion.", "Dark lesion."]
 
 
 def test_explain_puts_its_strongest_patch_on_the_lesion(trained, capsys, tmp_path):
@@ -176,20 +194,21 @@ def test_explain_puts_its_strongest_patch_on_the_lesion(trained, capsys, tmp_pat
     model, tok = load_model(model_dir)
     data_cfg = load_data_config(root / "data.yaml")
     results = []
-    for s in find_studies([root / "site"], split="test"):
+    for s in find_studies([root / "heldout"], split="test"):
         if s.report.startswith("No"):
             continue
         images, _ = load_study_tensor(s, data_cfg, model.cfg.vision.img_size)
-        scores, _ = patch_scores(model, tok, images, s.report)
-        lesion = np.asarray(nib.load(root / "truth" / "masks" / "site" / f"{s.study_id}.nii.gz").dataobj).transpose(2, 1, 0) > 0
+        scores, _ = patch_scores(model, tok, images, s.report, versus=NORMAL)
+        lesion = np.asarray(nib.load(root / "truth" / "masks" / "heldout" / f"{s.study_id}.nii.gz").dataobj).transpose(2, 1, 0) > 0
         results.append(lesion_hit(scores[0], lesion, foreground_mask(images[0, 0].numpy())))
     test = lesion_hit_test(results)
     report(capsys, f"explain: strongest patch on the lesion {test.hits}/{test.n} = {test.hit_rate:.2f} "
           f"(random brain patch {test.chance_rate:.2f}), p = {test.p_value:.2g}")
     assert test.n >= 20 and test.p_value < 0.05
-    study = root / "site" / "test" / "test-001"
+    study = root / "heldout" / "test" / "heldout-test-001"
     out = run_json(capsys, ["explain", "--model", str(model_dir), "--config", str(root / "data.yaml"), str(study),
-                            "--text", "Lesion.", "--out", str(tmp_path / "maps.png"), "--nifti", str(tmp_path / "maps"), "--json"])
+                            "--text", "Lesion.", "--versus", NORMAL, "--out", str(tmp_path / "maps.png"), "--nifti", str(tmp_path / "maps"), "--json"])
+    assert out["versus"] == NORMAL and out["study"] == "heldout-test-001"
     assert (tmp_path / "maps.png").stat().st_size > 1000 and len(out["nifti"]) == len(out["scans"])
     assert nib.load(out["nifti"][0]).shape == (16, 32, 32)  # the scan as read: canonical S, A, R
 

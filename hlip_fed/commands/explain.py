@@ -18,6 +18,10 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("study", metavar="STUDY", help="one study; " + STUDY_HELP)
     p.add_argument("--text", required=True, help='the text to explain, e.g. "an intracranial bleed"')
+    p.add_argument("--versus", metavar="TEXT",
+                   help='explain the similarity to --text minus that to this text, as a zero-shot choice between '
+                   'the two does, e.g. "no intracranial bleed" (recommended: a lone text\'s map is dominated by what '
+                   'every report shares)')
     p.add_argument("--out", default="maps.png", help="figure to write (default maps.png)")
     p.add_argument("--nifti", help="also write each scan's map as NIfTI into this folder (the scan's grid and affine)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -36,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         raise HlipError(f"{args.study}: holds {len(studies)} studies; explain takes one study")
     study = studies[0]
     model, tokenizer = load_model(args.model)
-    maps, sim, volumes = explain_study(model, tokenizer, study, args.text, load_data_config(args.config))
-    plot_maps(maps, volumes, args.out, args.text, title=study.study_id)
+    maps, sim, volumes = explain_study(model, tokenizer, study, args.text, load_data_config(args.config),
+                                        versus=args.versus)
+    label = args.text if args.versus is None else f"{args.text} (versus {args.versus})"
+    plot_maps(maps, volumes, args.out, label, title=study.study_id)
     written = []
     if args.nifti:
         import nibabel as nib
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             path = folder / f"{scan_stem(m.source)}_map.nii.gz"
             nib.save(nib.Nifti1Image(m.volume_map.astype(np.float32), vol.affine), path)
             written.append(str(path))
-    out = {"study": study.study_id, "text": args.text, "similarity": sim, "figure": str(args.out), "nifti": written,
+    out = {"study": study.study_id, "text": args.text, "versus": args.versus, "similarity": sim, "figure": str(args.out), "nifti": written,
            "scans": [{"source": m.source, "peak_patch": list(m.peak_patch), "peak_voxel": list(m.peak_voxel),
                       "peak_world_mm": [round(v, 1) for v in m.peak_world_mm],
                       "score_max": float(m.patch_scores.max()), "score_min": float(m.patch_scores.min())}
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"study {study.study_id}: cosine similarity to {args.text!r} = {sim:+.3f}")
+    what = f"cosine similarity to {args.text!r}" + (f" minus that to {args.versus!r}" if args.versus else "")
+    print(f"study {study.study_id}: {what} = {sim:+.3f}")
     for s in out["scans"]:
         x, y, z = s["peak_world_mm"]
         print(f"  {Path(s['source']).name}: strongest patch {tuple(s['peak_patch'])}, peak at voxel "

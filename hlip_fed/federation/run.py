@@ -77,12 +77,15 @@ def resolve_site(run_config: dict, node_config: dict) -> Site:
 
 
 def read_labels(path: Path | None) -> dict[str, dict[str, int]]:
-    """Study id -> {finding: 0/1} from a JSONL truth file (``study_id`` and ``labels`` per line)."""
+    """Study id -> {finding: 0/1} from a JSONL truth file (``study_id`` and ``labels`` per line).
+
+    A ``null`` label (a property that does not apply, such as the size of an absent lesion) reads
+    as -1, which every metric leaves out."""
     if path is None:
         return {}
     try:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        return {str(r["study_id"]): {k: int(v) for k, v in r["labels"].items()} for r in rows}
+        return {str(r["study_id"]): {k: -1 if v is None else int(v) for k, v in r["labels"].items()} for r in rows}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HlipError(f"{path}: cannot read labels: {exc}") from None
 
