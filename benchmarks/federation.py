@@ -30,6 +30,7 @@ paper-sized presets is computed from their federated parameter groups.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shlex
@@ -80,6 +81,58 @@ def per_round(t0: float, ends: list[float]) -> list[float]:
 
 
 # --- 1a. through Flower --------------------------------------------------------------------------
+
+
+def _busy(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def round_profile(run: Path) -> list[dict]:
+    """Where each round of a run went, from the run's own records.
+
+    Per exchange (train, evaluate): the wall time from push to the last reply; how much of it at
+    least one site's handler was running (``busy``: each handler ends at its audit line's time and
+    lasted its reply's ``reply-seconds``); the wait from the push to the first handler's start and
+    from the last handler's end to the last reply. Per round: the server's own time between the
+    previous round's held-out evaluation and the train push (checkpoint, metrics line, plot, node
+    check), between the exchanges (aggregation), and before and in the held-out evaluation.
+    """
+    from hlip_fed.federation.audit import read_audit
+
+    handlers: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for state in sorted((run / "sites").iterdir()):
+        for e in read_audit(state):
+            secs = (e.get("metrics") or {}).get("metrics", {}).get("reply-seconds")
+            if secs is not None and e.get("round") is not None:
+                end = dt.datetime.fromisoformat(e["time"]).timestamp()
+                handlers.setdefault((int(e["round"]), e["type"]), []).append((end - secs, end))
+    out, previous_end = [], None
+    for rec in (json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()):
+        timing = rec.get("timing")
+        if not timing:
+            continue
+        row: dict = {"round": rec["round"]}
+        server, mark = {}, previous_end
+        for ex in timing["exchanges"]:
+            pushed, wall = ex["pushed"], max(ex["replies_s"], default=0.0)
+            spans = [(a - pushed, b - pushed) for a, b in handlers.get((rec["round"], ex["type"]), [])]
+            row[ex["type"]] = {"wall": wall, "busy": _busy(spans), "messages": ex["messages"],
+                               "to_first_start": min(a for a, _ in spans) if spans else None,
+                               "after_last_end": wall - max(b for _, b in spans) if spans else None}
+            server[f"before_{ex['type']}"] = None if mark is None else pushed - mark
+            mark = pushed + wall
+        server["before_heldout"] = None if mark is None else timing["heldout_started"] - mark
+        server["heldout"] = timing["heldout_s"]
+        row["server"] = server
+        previous_end = timing["heldout_started"] + timing["heldout_s"]
+        out.append(row)
+    return out
 
 
 def actor_pids() -> set[int]:
@@ -150,6 +203,7 @@ def flower_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
     site_seconds = [[v["train-seconds"] for v in r["train_sites"].values()] for r in records]
     return {
         "round_seconds": per_round(t0, ends[:rounds]),
+        "profile": round_profile(run),
         "wall_seconds": wall,
         "train_seconds_per_site": [statistics.mean(s) for s in site_seconds],
         "bytes_per_site": [statistics.mean(r["bytes_per_site"].values()) for r in records],
@@ -234,11 +288,13 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
             p["site_evaluate"] = time.perf_counter() - t
             t = time.perf_counter()
             heldout = coord.evaluate_global(arrays)
+            p["heldout"] = time.perf_counter() - t
             record = {"train_sites": {str(i): m for i, (_, m) in enumerate(replies)},
                       "eval_sites": {str(i): e for i, e in enumerate(evals)}, "heldout": heldout}
             coord.end_round(r, arrays, record, {})
             plot_run(run)
             p["server"] = time.perf_counter() - t
+            p["checkpoint_plot"] = p["server"] - p["heldout"]
             ends.append(time.perf_counter())
             phases.append(p)
     return {
@@ -352,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (one CPU per actor)")
     ap.add_argument("--messages", type=int, default=2, help="process-per-message repeats")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per Flower run")
+    ap.add_argument("--skip", nargs="*", choices=["messages", "scaling"], default=[],
+                    help="leave out the process-per-message or the scaling measurement")
     ap.add_argument("--quick", action="store_true", help="tiny everything (a smoke test)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child-round", help=argparse.SUPPRESS)
@@ -408,12 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["bytes_per_site_per_round"] = statistics.mean(flower["bytes_per_site"])
 
-        print("process per message ...", file=sys.stderr, flush=True)
-        result["process_per_message"] = process_per_message(
-            data, tmp / "ppm", n_sites, overrides, args.preset, args.worker_threads, args.messages)
+        if "messages" not in args.skip:
+            print("process per message ...", file=sys.stderr, flush=True)
+            result["process_per_message"] = process_per_message(
+                data, tmp / "ppm", n_sites, overrides, args.preset, args.worker_threads, args.messages)
 
         scaling = []
-        for n in args.sites:
+        for n in [] if "scaling" in args.skip else args.sites:
             print(f"scaling: {n} sites ...", file=sys.stderr, flush=True)
             sdata = write_consortium(tmp / f"scale-{n}", sites=n, train=4, test=2, heldout=4)
             r = flower_run(sdata, tmp / f"scale-run-{n}", n, args.scaling_rounds, scaling_overrides, args.preset,
@@ -422,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                             "last_round_seconds": r["round_seconds"][-1],
                             "seconds_per_site_round": r["round_seconds"][-1] / n,
                             "peak_rss_mb": r["peak_rss_mb"], "peak_processes": r["peak_processes"]})
-        result["scaling"] = {"rounds": args.scaling_rounds, "overrides": scaling_overrides, "runs": scaling}
+        if scaling:
+            result["scaling"] = {"rounds": args.scaling_rounds, "overrides": scaling_overrides, "runs": scaling}
     if not args.quick:
         result["bytes_presets"] = preset_bytes(["tiny", "vit_base_multiscan_h2_token1176"])
     result["seconds"] = time.perf_counter() - t_all
@@ -440,6 +500,20 @@ def main(argv: list[str] | None = None) -> int:
                        ("ratio", "Flower / direct", ".2f"), ("flower_train", "train s/site (Flower)", ".1f"),
                        ("d_train", "direct: train phase s", ".1f"), ("d_eval", "site eval s", ".1f"),
                        ("d_server", "server eval+ckpt s", ".1f")]))
+    prof = [{"round": r["round"], **{f"{k}_{m}": r[k][m] for k in ("train", "evaluate") if k in r
+                                     for m in ("wall", "busy", "to_first_start", "after_last_end")},
+             **r["server"]}
+            for r in o["flower"]["profile"]]
+    print("\nwhere a Flower round goes (seconds): each exchange from push to last reply, the time some site's "
+          "handler ran in it, the wait to the first handler and after the last; the server's own work "
+          "before each exchange and in the held-out evaluation\n")
+    print(table(prof, [("round", "round", "d"), ("before_train", "server before train", ".2f"),
+                       ("train_wall", "train exchange", ".2f"), ("train_busy", "sites busy", ".2f"),
+                       ("train_to_first_start", "to 1st handler", ".2f"), ("train_after_last_end", "after last", ".2f"),
+                       ("before_evaluate", "server between", ".2f"), ("evaluate_wall", "evaluate exchange", ".2f"),
+                       ("evaluate_busy", "sites busy", ".2f"), ("evaluate_to_first_start", "to 1st handler", ".2f"),
+                       ("evaluate_after_last_end", "after last", ".2f"), ("before_heldout", "server before held-out", ".2f"),
+                       ("heldout", "held-out eval", ".2f")]))
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"\noverhead ratio (round 2 on, median): {fmt(o['overhead_ratio'])} (goal <= 1.05); round 1: Flower "
           f"{o['round1_flower_seconds']:.1f} s, direct {o['round1_direct_seconds']:.1f} s")
@@ -450,14 +524,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({result['bytes_per_site_per_round'] / 2**20:.2f} MiB)")
     for name, b in result.get("bytes_presets", {}).items():
         print(f"  {name}: {b['parameters']} federated parameters, {b['bytes'] / 2**20:.1f} MiB per site per round")
-    p = result["process_per_message"]
-    print(f"\nprocess per message: cached round {p['cached_round_seconds']:.2f} s, fresh process "
-          f"{p['fresh_process_seconds']:.2f} s (+{p['extra_seconds_per_message']:.2f} s per message: import "
-          f"{p['fresh'][0]['import_seconds']:.1f} s, build {p['fresh'][0]['build_seconds']:.1f} s)\n")
-    print(table(result["scaling"]["runs"], [
-        ("sites", "sites", "d"), ("wall_seconds", "wall s", ".1f"), ("last_round_seconds", "last round s", ".1f"),
-        ("seconds_per_site_round", "s per site-round", ".2f"), ("peak_rss_mb", "peak RSS MB (tree)", ".0f"),
-        ("peak_processes", "processes", "d")]))
+    p = result.get("process_per_message")
+    if p:
+        print(f"\nprocess per message: cached round {p['cached_round_seconds']:.2f} s, fresh process "
+              f"{p['fresh_process_seconds']:.2f} s (+{p['extra_seconds_per_message']:.2f} s per message: import "
+              f"{p['fresh'][0]['import_seconds']:.1f} s, build {p['fresh'][0]['build_seconds']:.1f} s)")
+    if "scaling" in result:
+        print("\n" + table(result["scaling"]["runs"], [
+            ("sites", "sites", "d"), ("wall_seconds", "wall s", ".1f"), ("last_round_seconds", "last round s", ".1f"),
+            ("seconds_per_site_round", "s per site-round", ".2f"), ("peak_rss_mb", "peak RSS MB (tree)", ".0f"),
+            ("peak_processes", "processes", "d")]))
     write_json(args.json, result)
     return 0
 

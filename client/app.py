@@ -3,9 +3,12 @@
 Everything a site does lives in :mod:`hlip_fed.federation.local`; this file only moves Flower
 records in and out. The reply holds the federated arrays (encoded for ``federation.transport``:
 fp32, fp16 or bf16 bit patterns, weights or deltas; see :mod:`hlip_fed.federation.transport`) and
-scalar metrics, nothing else, and every reply (an error too) is appended to the site's audit log
-(:mod:`hlip_fed.federation.audit`) as encoded, i.e. as it leaves, before it is handed to Flower.
+scalar metrics (among them the handler's own duration), nothing else, and every reply (an error
+too) is appended to the site's audit log (:mod:`hlip_fed.federation.audit`) as encoded, i.e. as it
+leaves, before it is handed to Flower.
 """
+
+import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,6 +28,7 @@ def _site(context: Context) -> Site:
 
 def _reply(msg: Message, context: Context, site: Site, make_content) -> Message:
     """Build the reply with ``make_content()`` and audit it; an exception is audited, then raised."""
+    t0 = time.perf_counter()
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else None
     kind = msg.metadata.message_type
     try:
@@ -33,6 +37,8 @@ def _reply(msg: Message, context: Context, site: Site, make_content) -> Message:
         append_audit(site.state_dir, audit_entry(kind, context.run_id, server_round, None,
                                                  error=f"{type(exc).__name__}: {exc}"))
         raise
+    # The whole handler, so the server can tell the site's time from the runtime's (profiling).
+    content["metrics"]["reply-seconds"] = float(time.perf_counter() - t0)
     append_audit(site.state_dir, audit_entry(kind, context.run_id, server_round, content))
     return Message(content=content, reply_to=msg)
 
@@ -43,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
 
     def content(server_round: int) -> RecordDict:
         fault = requested_fault(dict(context.node_config), server_round)  # test-only; see its module
-        local = local_site(context.run_id, config_from_run(dict(context.run_config)), site)
+        local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
         config = msg.content["config"]
         received = msg.content["arrays"].to_torch_state_dict()
         arrays, metrics = local.train_round(
@@ -64,7 +70,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
 
     def content(server_round: int | None) -> RecordDict:
-        local = local_site(context.run_id, config_from_run(dict(context.run_config)), site)
+        local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
         prompts = prompts_from_config(dict(msg.content["config"]))
         metrics = local.evaluate(msg.content["arrays"].to_torch_state_dict(), prompts)
         return RecordDict({"metrics": MetricRecord(metrics)})

@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round = int(fitins.config["server-round"])
     try:
-        local = local_site(context.run_id, config_from_run(dict(context.run_config)), site)
+        local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
         shapes = {k: v.shape for k, v in local.model.state_dict().items()}
         received = {k: torch.from_numpy(np.array(v, dtype=np.float32).reshape(shapes[k]))
                     for k, v in zip(local.keys, parameters_to_ndarrays(fitins.parameters), strict=True)}

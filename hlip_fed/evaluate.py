@@ -8,6 +8,11 @@ every study (and the reverse) by cosine similarity and reports recall at 1, 5 an
 Metrics are flat ``name -> float`` dicts so they fit a Flower ``MetricRecord`` unchanged. A metric
 that cannot be computed on a split (a finding with no positives) is reported as 0 with a companion
 ``<name>-count`` of 0, so every site sends the same finite keys and aggregation can weight by count.
+
+With a locked text encoder the reports and prompts of a split are the same texts every round;
+given a :class:`~hlip_fed.model.text_cache.TextFeatureCache`, their encoder features are computed
+once and only the (trained) projection runs again: for the demo's MiniLM that is over half of an
+evaluation's time.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from hlip_fed.model import HLIP
+from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
 from hlip_fed.progress import progress
 
@@ -41,8 +48,16 @@ def embed_images(model: HLIP, loader: Iterable, device: str = "cpu") -> tuple[to
 
 
 @torch.no_grad()
-def embed_texts(model: HLIP, tokenizer: ReportTokenizer, texts: list[str], batch_size: int = 64, device: str = "cpu"):
+def embed_texts(model: HLIP, tokenizer: ReportTokenizer, texts: list[str], batch_size: int = 64, device: str = "cpu",
+                cache: TextFeatureCache | None = None):
+    """Normalised text embeddings ``[N, E]``; with ``cache``, encoder features come from it."""
     model.eval()
+    if cache is not None and texts:
+        def encode(one: list[str]) -> torch.Tensor:
+            return model.text.features(**{k: v.to(device) for k, v in tokenizer(one).items()})
+
+        features = cache.features(list(texts), encode).to(device)
+        return F.normalize(model.text.proj(features), dim=-1).float().cpu()
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[i : i + batch_size])
@@ -53,6 +68,7 @@ def embed_texts(model: HLIP, tokenizer: ReportTokenizer, texts: list[str], batch
 def zeroshot_probabilities(
     model: HLIP, tokenizer: ReportTokenizer, image_emb: torch.Tensor,
     prompts: dict[str, tuple[list[str], list[str]]], template: str = DEFAULT_TEMPLATE,
+    text_cache: TextFeatureCache | None = None,
 ) -> dict[str, np.ndarray]:
     """``finding -> P(finding)`` per study from its ``(negatives, positives)`` prompts; several
     phrasings of one class are ensembled by averaging their normalised embeddings (as CLIP does)."""
@@ -61,7 +77,7 @@ def zeroshot_probabilities(
     for name, classes in prompts.items():
         centroids = []
         for phrasings in classes:
-            emb = embed_texts(model, tokenizer, [template.format(p) for p in phrasings]).mean(0)
+            emb = embed_texts(model, tokenizer, [template.format(p) for p in phrasings], cache=text_cache).mean(0)
             centroids.append(torch.nn.functional.normalize(emb, dim=-1))
         logits = scale * image_emb @ torch.stack(centroids).T  # [N, 2]
         out[name] = logits.softmax(-1)[:, 1].numpy()
@@ -123,19 +139,21 @@ def evaluate(
     labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
     template: str = DEFAULT_TEMPLATE, device: str = "cpu", bootstrap: int = 0, seed: int = 0,
     embedded: tuple[torch.Tensor, list[str], list[str]] | None = None,
+    text_cache: TextFeatureCache | None = None,
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
     labels are left out of zero-shot); ``prompts`` maps finding -> (negatives, positives).
 
     With ``bootstrap > 0`` the studies are resampled that many times and ``<metric>-ci-low`` /
     ``<metric>-ci-high`` give the 95 % interval of the headline metrics. ``embedded`` is
-    :func:`embed_images`' result for ``loader`` when the caller already has it.
+    :func:`embed_images`' result for ``loader`` when the caller already has it; ``text_cache``
+    (a locked text encoder's, computed in fp32) supplies the reports' and prompts' encoder features.
     """
     image_emb, ids, reports = embedded if embedded is not None else embed_images(model, loader, device)
-    text_emb = embed_texts(model, tokenizer, reports, device=device)
+    text_emb = embed_texts(model, tokenizer, reports, device=device, cache=text_cache)
     probs = y = None
     if prompts:
-        probs = zeroshot_probabilities(model, tokenizer, image_emb, prompts, template)
+        probs = zeroshot_probabilities(model, tokenizer, image_emb, prompts, template, text_cache)
         known = labels or {}
         y = {f: np.array([known[sid][f] if sid in known else -1 for sid in ids]) for f in prompts}
     metrics = {"num-examples": float(len(ids)), **_split_metrics(image_emb, text_emb, probs, y)}

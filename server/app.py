@@ -6,6 +6,7 @@ the held-out set and checkpoints it (see :mod:`hlip_fed.federation.coordinator`)
 """
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -40,19 +41,24 @@ def main(grid: Grid, context: Context) -> None:
     ledger = coord.resumed.state.get(PRIVACY_LEDGER) if coord.resumed else None  # DP accounting so far
     strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known, ledger)
 
+    grid = PromptGrid(grid, cfg.federation.poll_interval_s)
+
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and coord.offset:
             return None  # the resumed model was evaluated when its round ended
         tensors = arrays.to_torch_state_dict()
+        started = time.time()
         metrics = coord.evaluate_global(tensors)
         if server_round > 0:
-            record = dict(strategy.round_record, heldout=metrics)
+            # Where the round's time went: the exchanges with the sites, then the held-out evaluation.
+            timing = {"exchanges": grid.take_exchanges(), "heldout_started": started, "heldout_s": time.time() - started}
+            record = dict(strategy.round_record, heldout=metrics, timing=timing)
             coord.end_round(server_round + coord.offset, tensors, record, strategy.state_arrays())
             plot_run(out)
         return MetricRecord(metrics) if metrics else None
 
     result = strategy.start(
-        grid=PromptGrid(grid, cfg.federation.poll_interval_s),
+        grid=grid,
         initial_arrays=ArrayRecord(coord.initial_arrays()),
         num_rounds=remaining,
         timeout=cfg.federation.round_timeout_s,

@@ -6,6 +6,9 @@ tick after the last site has answered: up to 6 s of idle aggregation server per 
 simulation runtime's in-memory grid pulls every 0.1 s. :class:`PromptGrid` wraps either and pulls
 every ``federation.poll_interval_s`` (default 0.1 s, the simulation's pace, so simulation is
 unchanged); everything else is the wrapped grid's.
+
+It also keeps the timeline of each exchange (when the messages went out, when each reply came
+back): set beside the sites' own handler times it shows what a round spends in the runtime.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, interval: float):
         self._grid = grid
         self.interval = float(interval)
+        self.exchanges: list[dict] = []  # one per send_and_receive, until take_exchanges()
+
+    def take_exchanges(self) -> list[dict]:
+        """The exchanges since the last call: type, message count, push time (Unix seconds) and
+        each reply's arrival in seconds after the push."""
+        out, self.exchanges = self.exchanges, []
+        return out
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -46,14 +56,20 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then collect replies until all are in or ``timeout`` seconds pass."""
+        messages = list(messages)
+        pushed, t0 = time.time(), time.monotonic()
         waiting = set(self.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else t0 + timeout
         replies: list[Message] = []
+        arrivals: list[float] = []
         while waiting:
             got = list(self.pull_messages(waiting))
             replies += got
+            arrivals += [round(time.monotonic() - t0, 4)] * len(got)
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.interval if end is None else max(0.0, min(self.interval, end - time.monotonic())))
+        kind = messages[0].metadata.message_type if messages else ""
+        self.exchanges.append({"type": kind, "messages": len(messages), "pushed": pushed, "replies_s": arrivals})
         return replies

@@ -52,6 +52,16 @@ def test_federation_benchmark_writes_json(tmp_path):
     o = data["overhead"]
     assert len(o["flower"]["round_seconds"]) == len(o["direct"]["round_seconds"]) == 2
     assert o["overhead_ratio"] > 0 and data["bytes_per_site_per_round"] > 0
+    # the round profile: both exchanges of every round, with the sites' handlers inside them
+    prof = o["flower"]["profile"]
+    assert [r["round"] for r in prof] == [1, 2]
+    for r in prof:
+        for kind in ("train", "evaluate"):
+            ex = r[kind]
+            assert ex["messages"] == 2 and 0 < ex["busy"] <= ex["wall"] + 0.01 and ex["to_first_start"] >= -0.01
+        assert r["server"]["heldout"] > 0 and r["server"]["before_evaluate"] >= 0
+    assert prof[0]["server"]["before_train"] is None and prof[1]["server"]["before_train"] >= 0
+    assert "where a Flower round goes" in proc.stdout
     assert data["process_per_message"]["fresh_process_seconds"] > 0
     assert [r["sites"] for r in data["scaling"]["runs"]] == [2]
     assert data["scaling"]["runs"][0]["peak_rss_mb"] > 0

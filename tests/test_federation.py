@@ -57,7 +57,8 @@ def test_clientapp_replies_with_exactly_the_federated_arrays_and_scalar_metrics(
     metrics = content["metrics"]
     assert metrics["num-examples"] == 2 * 2  # 2 local steps x batch of 2
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
-    assert set(metrics) == {"num-examples", "train-loss", "train-seconds", "train-steps", "bytes-sent"}
+    assert set(metrics) == {"num-examples", "train-loss", "train-seconds", "train-steps", "bytes-sent", "reply-seconds"}
+    assert metrics["reply-seconds"] >= metrics["train-seconds"]  # the whole handler, for the round profile
 
 
 def _reply(node, arrays, n):
@@ -184,3 +185,21 @@ def test_truth_labels_that_do_not_apply_read_as_unknown(tmp_path):
     path.write_text('{"study_id": "a", "labels": {"lesion": "yes"}}\n')
     with pytest.raises(HlipError, match="site.jsonl: cannot read labels"):
         read_labels(path)
+
+
+def test_a_warm_site_does_not_parse_the_run_config_again(mini_consortium, tmp_path, monkeypatch):
+    """Parsing the run config costs ~80 ms; a site kept by the worker must not pay it per message."""
+    import client.app as client_module
+
+    rc = run_config(mini_consortium, tmp_path)
+    cfg = config_from_run(rc)
+    model = create_model(cfg.model, seed=0)
+    arrays = {k: v for k, v in model.state_dict().items() if k in federated_keys(model, cfg.federation.groups)}
+    parsed = []
+    monkeypatch.setattr(client_module, "config_from_run", lambda run: parsed.append(1) or config_from_run(run))
+    context = Context(run_id=77, node_id=1000, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config=rc)
+    for server_round in (1, 2):
+        reply = client_module.app(train_message(arrays, server_round=server_round), context)
+        assert not reply.has_error(), reply.error
+    assert len(parsed) == 1

@@ -76,7 +76,7 @@ def test_secagg_round_equals_plain_fedavg_of_the_same_training(mini_consortium, 
     updates = []
     for pid in range(3):
         site = resolve_site(ref_rc, {"partition-id": pid, "num-partitions": 3})
-        trained, metrics = local_site(42, config_from_run(ref_rc), site).train_round(dict(start), server_round=1)
+        trained, metrics = local_site(42, site, lambda: config_from_run(ref_rc)).train_round(dict(start), server_round=1)
         assert metrics["num-examples"] == 4.0
         updates.append({k: (trained[k] - start[k]).numpy() for k in keys})
     step = 2 * 8.0 / 4194304  # one quantization step of SecAgg+ over [-8, 8]

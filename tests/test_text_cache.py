@@ -142,3 +142,32 @@ def test_a_site_encodes_each_report_once_across_rounds(mini_consortium, tmp_path
     assert len(fresh.text_cache) == len(local.text_cache)
     off = LocalSite(load_config("tiny", overrides=FAST_RUN + ["train.text_cache=false"]), site)
     assert off.text_cache is None
+
+
+def test_evaluation_encodes_reports_and_prompts_once_and_agrees_with_uncached(mini_consortium, tmp_path):
+    from conftest import FAST_RUN
+    from hlip_fed.config import load_config
+    from hlip_fed.federation.coordinator import Coordinator
+    from hlip_fed.federation.local import LocalSite
+    from hlip_fed.federation.params import get_arrays
+    from hlip_fed.federation.run import Site, read_prompts
+
+    cfg = load_config("tiny", overrides=FAST_RUN)
+    prompts = read_prompts(mini_consortium)
+    local = LocalSite(cfg, Site("site1", mini_consortium / "sites" / "site1", tmp_path / "state", None))
+    arrays = get_arrays(local.model, local.keys)
+    assert local.eval_text_cache is local.text_cache  # fp32 training: one cache
+    first = local.evaluate(arrays, prompts)
+    encoded = local.text_cache.misses
+    assert encoded >= 1 + 2 * len(prompts)  # the test reports and every prompt
+    again = local.evaluate(arrays, prompts)
+    assert local.text_cache.misses == encoded and again == first
+    plain = LocalSite(load_config("tiny", overrides=FAST_RUN + ["train.text_cache=false"]),
+                      Site("site1", mini_consortium / "sites" / "site1", tmp_path / "plain", None))
+    assert plain.eval_text_cache is None
+    assert plain.evaluate(arrays, prompts) == pytest.approx(first, abs=1e-5)
+    # the server's held-out evaluation keeps its own cache in memory
+    coord = Coordinator(cfg, tmp_path / "run", mini_consortium)
+    heldout = coord.evaluate_global(arrays)
+    encoded = coord.text_cache.misses
+    assert encoded >= 1 and coord.evaluate_global(arrays) == heldout and coord.text_cache.misses == encoded

@@ -25,6 +25,7 @@ from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpo
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.model.text_cache import TextFeatureCache, usable
 from hlip_fed.model_card import provenance_from_run, write_model_card
 from hlip_fed.report import tensorboard_round
 
@@ -63,6 +64,9 @@ class Coordinator:
                 )
             log.info("resuming %s after round %d", self.run_dir, self.resumed.round)
         self._heldout = None
+        # The held-out reports and the prompts are the same texts every round (kept in memory).
+        self.text_cache = (TextFeatureCache.for_model(self.model, self.tokenizer, "fp32", cfg.train.device)
+                           if cfg.train.text_cache and usable(cfg.model.text) else None)
 
     @property
     def offset(self) -> int:
@@ -92,7 +96,8 @@ class Coordinator:
             )
         loader, labels = self._heldout
         set_arrays(self.model, arrays)
-        return evaluate(self.model, self.tokenizer, loader, labels, self.prompts, device=self.cfg.train.device)
+        return evaluate(self.model, self.tokenizer, loader, labels, self.prompts, device=self.cfg.train.device,
+                        text_cache=self.text_cache)
 
     def end_round(
         self, server_round: int, arrays: dict[str, torch.Tensor], record: dict, strategy_state: dict[str, np.ndarray]
