@@ -1,4 +1,4 @@
-"""The locked text encoder's report-feature cache: time of a site's local training round.
+"""The locked text encoder's report-feature cache: time of a site's local training round and evaluation.
 
 One site of the consortium (by default the demo run preset: tiny HLIP, MiniLM text tower, batch 4,
 8 local steps) is built twice in one process, with ``train.text_cache`` on and off, each with its own
@@ -10,7 +10,9 @@ interleaved (cached, uncached, cached, ...) so that a change of machine load hit
 
 Reported: ``train-seconds`` of each round (the site's own timing of its local steps), the median
 over the warm rounds, the speed-up, and the share of the uncached round that the text encoder took
-(measured separately: the encoder's forward over the same number of batches).
+(measured separately: the encoder's forward over the same number of batches). After each round
+the site evaluates the trained model on its test split with the consortium's prompts, as the
+federation's evaluate message does: its time, and whether both variants' metrics agree.
 
     python benchmarks/text_cache.py --data data/demo --json text-cache.json
 """
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from hlip_fed.config import load_config
     from hlip_fed.federation.local import LocalSite
     from hlip_fed.federation.params import get_arrays
-    from hlip_fed.federation.run import Site, consortium_sites
+    from hlip_fed.federation.run import Site, consortium_sites, read_prompts
     from hlip_fed.train import autocast
 
     torch.set_num_threads(args.threads)
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2
     overrides.append(f"federation.rounds={args.rounds}")
     data_dir = consortium_sites(args.data)[args.site]
+    prompts = read_prompts(args.data)
     rows, variants = [], {}
     with tempfile.TemporaryDirectory(prefix="hlip-text-cache-") as tmp:
         for name, flag in (("cached", "true"), ("uncached", "false")):
@@ -77,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in (("cached", "uncached") if r % 2 else ("uncached", "cached")):
                 local = variants[name]
                 misses = local.text_cache.misses if local.text_cache is not None else None
-                _, metrics = local.train_round(arrays, server_round=r)
+                trained, metrics = local.train_round(arrays, server_round=r)
+                t0 = time.perf_counter()
+                evaluation = local.evaluate(trained, prompts)
                 rows.append({"round": r, "variant": name, "seconds": metrics["train-seconds"],
+                             "eval_seconds": time.perf_counter() - t0, "metrics": evaluation,
                              "loss": metrics["train-loss"],
                              "encoded": (local.text_cache.misses - misses) if misses is not None else None})
             print(rows[-2:], flush=True)
@@ -100,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"]))
         for a in rows if a["variant"] == "cached" for b in rows if b["variant"] == "uncached" and b["round"] == a["round"]
     )
+    eval_warm = {n: statistics.median([x["eval_seconds"] for x in rows if x["variant"] == n and x["round"] > 1]
+                                      or [x["eval_seconds"] for x in rows if x["variant"] == n]) for n in variants}
+    metrics_equal = all(
+        a["metrics"].keys() == b["metrics"].keys()
+        and all(abs(a["metrics"][k] - b["metrics"][k]) <= 1e-4 for k in a["metrics"])
+        for a in rows if a["variant"] == "cached" for b in rows if b["variant"] == "uncached" and b["round"] == a["round"]
+    )
     summary = {
         "cold_round_seconds": cold,
         "warm_round_median_seconds": med,
@@ -108,15 +121,20 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_forward_seconds_per_round": encoder_seconds,
         "encoder_share_of_uncached_round": encoder_seconds / med["uncached"],
         "losses_agree": losses_equal,
+        "eval_median_seconds": eval_warm,
+        "eval_speedup": eval_warm["uncached"] / eval_warm["cached"],
+        "eval_metrics_agree": metrics_equal,
     }
     print()
     print(table(rows, [("round", "round", "d"), ("variant", "variant", ""), ("seconds", "train s", ".2f"),
-                       ("encoded", "reports encoded", "d"), ("loss", "loss", ".5f")]))
+                       ("encoded", "texts encoded", "d"), ("loss", "loss", ".5f"), ("eval_seconds", "evaluate s", ".2f")]))
     print()
     print(f"warm rounds: uncached {med['uncached']:.2f} s, cached {med['cached']:.2f} s -> "
           f"{summary['speedup_warm']:.2f}x; cold round {summary['speedup_cold']:.2f}x; the encoder's forward "
           f"alone takes {encoder_seconds:.2f} s per round ({100 * summary['encoder_share_of_uncached_round']:.0f} % "
           f"of an uncached round); losses agree: {losses_equal}")
+    print(f"evaluation (test split, reports and prompts): uncached {eval_warm['uncached']:.2f} s, cached "
+          f"{eval_warm['cached']:.2f} s -> {summary['eval_speedup']:.2f}x; metrics agree: {metrics_equal}")
     write_json(args.json, {"machine": machine(), "preset": args.preset, "overrides": overrides,
                            "site": data_dir.name, "rows": rows, "summary": summary})
     return 0

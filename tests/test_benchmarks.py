@@ -102,3 +102,16 @@ def test_cnn_reference_writes_train_and_heldout_aucs(mini_consortium, tmp_path):
     assert "| step | epochs | train BCE |" in proc.stdout
     bad = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sites", "nowhere", timeout=600)
     assert bad.returncode == 2 and "no site nowhere" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_text_cache_benchmark_times_training_and_evaluation(mini_consortium, tmp_path):
+    out = tmp_path / "text-cache.json"
+    proc = run("text_cache.py", "--data", str(mini_consortium), "--quick", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert s["losses_agree"] and s["eval_metrics_agree"]
+    assert s["speedup_warm"] > 0 and s["eval_speedup"] > 0
+    cached = [r for r in data["rows"] if r["variant"] == "cached"]
+    assert cached[0]["encoded"] > 0 and all(r["eval_seconds"] > 0 for r in data["rows"])
+    assert "evaluation (test split" in proc.stdout
