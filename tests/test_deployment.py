@@ -304,7 +304,8 @@ def test_rounds_survive_a_killed_site_a_misbehaving_site_and_a_killed_superlink(
 def test_what_sites_sent_is_only_federated_arrays_and_scalar_metrics(dep):
     cfg = config_from_run({"config": "", "overrides": shlex.join(OVERRIDES)})
     keys = federated_keys(create_model(cfg.model, seed=0), cfg.federation.groups)
-    metric_names = {"num-examples", "train-loss", "train-seconds", "train-steps", "bytes-sent"}
+    # reply-seconds: the handler's duration, for the server's round profile
+    metric_names = {"num-examples", "train-loss", "train-seconds", "train-steps", "bytes-sent", "reply-seconds"}
     for name in (HONEST, KILLED, BAD):
         entries = read_audit(dep.root / "site-state" / name)
         train = [e for e in entries if e["type"] == "train"]
