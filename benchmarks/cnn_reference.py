@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         cons.train[name].train_scans = None  # every scan of a study, as evaluation reads it
     train = ConcatDataset([cons.train[name] for name in chosen])
-    labels = {i: y for name in chosen for i, y in cons.site_labels[name].items()}
+    labels = cons.training_labels(chosen)
     if args.sites:  # score on the held-out studies of the modalities trained on
         modality = {r["study_id"]: r["modality"] for r in load_records(args.data, "heldout")}
         trained = {r["modality"] for name in chosen for r in load_records(args.data, name)}

@@ -108,7 +108,7 @@ def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
         texts, ids = reports(dataset)
         train_texts += texts
         train_ids += ids
-    site_labels = {i: y for labels in cons.site_labels.values() for i, y in labels.items()}
+    site_labels = cons.training_labels()
     held_texts, held_ids = reports(cons.heldout)
     x_train, x_held = features(train_texts).numpy(), features(held_texts)
     probe, zeroshot = {}, {}
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     n_train = sum(len(d) for d in cons.train.values())
     text = text_side(model, tok, cons, findings)
     if args.objective == "supervised":
-        labels = {i: y for site_labels in cons.site_labels.values() for i, y in site_labels.items()}
+        labels = cons.training_labels()
         head = torch.nn.Linear(cfg.model.embed_dim, len(findings))
         opt.add_param_group({"params": head.parameters(), "weight_decay": 0.0})
     rows, done, start = [], 0, time.monotonic()

@@ -67,6 +67,11 @@ class Consortium:
         self.site_labels = {s.name: read_labels(root / "truth" / f"{s.name}.jsonl") for s in self.sites}
         self.prompts = read_prompts(root)
 
+    def training_labels(self, sites: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Study id -> labels of the named sites (every site when ``None``) in one mapping."""
+        return {i: y for name in (sites if sites is not None else self.site_labels)
+                for i, y in self.site_labels[name].items()}
+
     def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=shuffle, generator=gen,
