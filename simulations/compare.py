@@ -43,13 +43,14 @@ from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
+FINDING_AUC = "zeroshot_auc_"  # + finding name: one column per finding (finding_keys, markdown)
 KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10"}
 
 
 def finding_keys(run: dict) -> dict[str, str]:
     """``zeroshot_auc_<finding>`` for each finding a run scored: a mean near chance can hide one
     finding that is learnt."""
-    return {f"zeroshot_auc_{k[4:-6]}": k[:-6] for k in run
+    return {f"{FINDING_AUC}{k[4:-6]}": k[:-6] for k in run
             if k.startswith("auc-") and k.endswith("-count") and k != "auc-mean-count" and run[k] > 0}
 
 
@@ -235,10 +236,11 @@ def markdown(summary: dict) -> str:
             label = method if site is None else f"{method} ({site})"
             rows.append(f"| {label} | " + " | ".join(fmt(bb, k) for k in KEYS) + " |")
             per.append((label, bb))
-    names = sorted({k for _, bb in per for k in bb if k.startswith("zeroshot_auc_") and k[13:] != "mean"
+    cut = len(FINDING_AUC)
+    names = sorted({k for _, bb in per for k in bb if k.startswith(FINDING_AUC) and k[cut:] != "mean"
                     and not k.endswith(("_sd", "_ci95"))})
     if names:
-        rows += ["", "| method | " + " | ".join(f"AUC {k[13:]}" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
+        rows += ["", "| method | " + " | ".join(f"AUC {k[cut:]}" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
         rows += [f"| {label} | " + " | ".join(fmt(bb, k) for k in names) + " |" for label, bb in per]
     return "\n".join(rows) + "\n"
 
