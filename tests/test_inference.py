@@ -242,3 +242,20 @@ def test_temperature_scaling_fixes_an_overconfident_classifier():
     rep = calibration_report(over, y)
     assert rep["ece_after"] < rep["ece_before"] / 2 and rep["nll_after"] < rep["nll_before"]
     assert expected_calibration_error(softmax(true_logits), y) < 0.05
+
+
+def test_the_probe_becomes_a_head_with_the_same_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    from hlip_fed.finetune import probe_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    for classes in (2, 3):
+        y = rng.integers(0, classes, 60)
+        probe = LogisticRegression(max_iter=1000).fit(x, y)
+        weight, bias = probe_head(probe, classes)
+        probs = torch.softmax(torch.from_numpy(x) @ weight.T + bias, dim=1).numpy()
+        assert np.allclose(probs, probe.predict_proba(x), atol=1e-5)
+    assert probe_head(LogisticRegression().fit(x, rng.integers(0, 2, 60)), 3) is None  # a class never drawn
+    assert probe_head(None, 2) is None

@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="few-shot linear probe and full fine-tuning vs zero-shot",
                               description="Trains classification heads on 1, 5, 10 or all labelled studies "
                               "per class of a site (linear probe on frozen embeddings; full fine-tuning of "
-                              "the vision tower from the zero-shot head) and scores them and the zero-shot "
+                              "the vision tower from the probe's head, LP-FT) and scores them and the zero-shot "
                               "baseline on the held-out split (the site's test split, else a random share). "
                               "Writes fewshot.md, fewshot.json, fewshot.png and probe.json to --out.")
     add_model_args(p)
@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3, help="random draws per shot count (default 3)")
     p.add_argument("--methods", default="probe,full", help="probe, full or both (default)")
     p.add_argument("--steps", type=int, default=30, help="optimiser steps of full fine-tuning (default 30)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of full fine-tuning")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the head in full fine-tuning")
+    p.add_argument("--backbone-lr", type=float, default=3e-5,
+                   help="learning rate of the vision tower in full fine-tuning (default a tenth of --lr's default)")
     p.add_argument("--holdout", type=float, default=0.3, help="held-out share when the site has no labelled test split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fewshot", help="output folder (default ./fewshot)")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_labelled(studies, truth, load_data_config(args.config), model.cfg.vision.img_size,
                          args.holdout, args.seed)
     result = few_shot_curve(model, tokenizer, data, labels, template, read_prompts_file(args.prompts), shots,
-                            max(1, args.repeats), methods, args.steps, args.lr, args.seed)
+                            max(1, args.repeats), methods, args.steps, args.lr, args.seed, args.backbone_lr)
     paths = write_outputs(result, args.out)
     if args.json:
         print(json.dumps({**{k: v for k, v in result.items() if k != "probe"},
