@@ -63,16 +63,25 @@ TABLE_COLUMNS = (
 )
 
 
+def sites_seconds(record: dict) -> float | None:
+    """Seconds from sending a round's training to the last site's reply (the round's ``timing``)."""
+    waits = [max(ex["replies_s"], default=0.0) for ex in (record.get("timing") or {}).get("exchanges", [])
+             if ex.get("type") == "train"]
+    return waits[0] if waits else None
+
+
 def round_table(rounds: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the round table (``-`` where a round lacks a metric)."""
-    header = [c[0] for c in TABLE_COLUMNS] + ["sites", "rejected"]
+    header = [c[0] for c in TABLE_COLUMNS] + ["sites", "rejected", "sites s"]
     rows = []
     for r in rounds:
         row = []
         for _, section, key, fmt in TABLE_COLUMNS:
             value = r.get(key) if section is None else (r.get(section) or {}).get(key)
             row.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
-        row += [str(len(r.get("train_sites") or {})), str(len(r.get("rejected") or []))]
+        wait = sites_seconds(r)
+        row += [str(len(r.get("train_sites") or {})), str(len(r.get("rejected") or [])),
+                "-" if wait is None else f"{wait:.1f}"]
         rows.append(row)
     return header, rows
 

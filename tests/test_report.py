@@ -11,7 +11,10 @@ def fake_run(run_dir, rounds=3):
     for r in range(1, rounds + 1):
         lines.append(json.dumps({
             "round": r, "train": {"train-loss": 3.0 - 0.5 * r}, "heldout": {"auc-mean": 0.5 + 0.05 * r, "r1": 0.1 * r, "r5": 0.2 * r, "r10": 0.3 * r},
-            "train_sites": {"11": {"num-examples": 16.0}, "22": {"num-examples": 8.0}}, "rejected": []}))
+            "train_sites": {"11": {"num-examples": 16.0}, "22": {"num-examples": 8.0}}, "rejected": [],
+            "timing": {"exchanges": [{"type": "train", "messages": 2, "pushed": 0.0, "replies_s": [1.5, 2.25 * r]},
+                                     {"type": "evaluate", "messages": 2, "pushed": 9.0, "replies_s": [0.5, 0.7]}],
+                       "heldout_started": 10.0, "heldout_s": 1.0}}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run_dir
 
@@ -21,6 +24,7 @@ def test_report_prints_the_table_and_writes_self_contained_html_and_markdown(tmp
     assert main(["report", str(run), "--tensorboard"]) == 0
     out = capsys.readouterr().out
     assert "held-out AUC" in out and "0.650" in out and out.count("\n") >= 4
+    assert "sites s" in out and "6.8" in out  # round 3: the slowest site answered 6.75 s after the push
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and (run / "curves.png").is_file()
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
