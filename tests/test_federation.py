@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from conftest import FAST_RUN
 from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.local import _SITES
-from hlip_fed.federation.params import federated_keys
+from hlip_fed.federation.params import federated_keys, get_arrays
 from hlip_fed.federation.run import config_from_run
 from hlip_fed.model import create_model
 from simulations.inprocess import InProcessGrid, ServerCrash
@@ -42,7 +42,7 @@ def test_clientapp_replies_with_exactly_the_federated_arrays_and_scalar_metrics(
     cfg = config_from_run(rc)
     model = create_model(cfg.model, seed=0)
     keys = federated_keys(model, cfg.federation.groups)
-    arrays = {k: v for k, v in model.state_dict().items() if k in keys}
+    arrays = get_arrays(model, keys)
     context = Context(run_id=7, node_id=1000, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config=rc)
     reply = client_app(train_message(arrays), context)
@@ -194,7 +194,7 @@ def test_a_warm_site_does_not_parse_the_run_config_again(mini_consortium, tmp_pa
     rc = run_config(mini_consortium, tmp_path)
     cfg = config_from_run(rc)
     model = create_model(cfg.model, seed=0)
-    arrays = {k: v for k, v in model.state_dict().items() if k in federated_keys(model, cfg.federation.groups)}
+    arrays = get_arrays(model, federated_keys(model, cfg.federation.groups))
     parsed = []
     monkeypatch.setattr(client_module, "config_from_run", lambda run: parsed.append(1) or config_from_run(run))
     context = Context(run_id=77, node_id=1000, node_config={"partition-id": 1, "num-partitions": 3},
