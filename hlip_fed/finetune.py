@@ -159,10 +159,9 @@ def finetune_full(model, head_init: tuple[torch.Tensor, torch.Tensor], data: Lab
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
-    tower = [p for p in visual.parameters() if p.requires_grad]
-    params = tower + list(head.parameters())
-    opt = torch.optim.AdamW([{"params": tower, "lr": backbone_lr}, {"params": list(head.parameters()), "lr": lr}],
-                            weight_decay=0.01)
+    tower, head_params = [p for p in visual.parameters() if p.requires_grad], list(head.parameters())
+    params = tower + head_params
+    opt = torch.optim.AdamW([{"params": tower, "lr": backbone_lr}, {"params": head_params, "lr": lr}], weight_decay=0.01)
     y = torch.as_tensor(data.y)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
