@@ -64,26 +64,6 @@ def open_consortium(data: Path, config: str, overrides: str):
         return None
 
 
-def probe_aucs(embeddings, labels: dict, ids: list[str], findings) -> dict[str, float]:
-    """Cross-validated logistic-regression AUC per finding on frozen embeddings."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    out = {}
-    x = embeddings.numpy()
-    for f in findings:
-        y = np.array([labels[i][f] for i in ids])
-        if min(y.sum(), len(y) - y.sum()) < 5:
-            out[f] = float("nan")
-            continue
-        folds = StratifiedKFold(5, shuffle=True, random_state=0)
-        p = cross_val_predict(LogisticRegression(max_iter=2000), x, y, cv=folds, method="predict_proba")[:, 1]
-        out[f] = float(roc_auc_score(y, p))
-    return out
-
-
 def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
     """Report-feature probe and prompt-vs-report zero-shot AUC per finding (no training)."""
     import numpy as np
@@ -181,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import ConcatDataset
 
-    from hlip_fed.evaluate import embed_images, evaluate
+    from hlip_fed.evaluate import evaluate
     from hlip_fed.model import create_model, create_tokenizer
     from hlip_fed.train import cycle, make_optimizer, train_steps
 
@@ -211,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)
         done += n
         loader = cons.loader(cons.heldout)
-        embedded = embed_images(model, loader)  # once, for the metrics and the probe
-        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, embedded=embedded)
-        emb, ids, _ = embedded
-        probe = probe_aucs(emb, cons.labels, ids, findings)
+        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, diagnose=True)
+        probe = {f: metrics[f"probe-{f}"] if metrics[f"probe-{f}-count"] else float("nan") for f in findings}
         if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
             metrics.update(head_aucs(model.visual, head, cons, findings))
         row = {"step": done, "epochs": done * cfg.train.batch_size / n_train, "loss": loss,

@@ -5,6 +5,13 @@ text tower; a study's probability of the finding is the softmax over the two pro
 AUC and balanced accuracy (threshold 0.5) come from scikit-learn. Retrieval ranks every report for
 every study (and the reverse) by cosine similarity and reports recall at 1, 5 and 10.
 
+Two diagnostics tell an image failure from a prompt failure when zero-shot is near chance (they
+need a few dozen labelled studies, so the held-out evaluation computes them, a site's round does
+not): a cross-validated logistic **probe** of the image embeddings per finding (does the image
+tower encode the finding at all?) and the **prompt ceiling**, the same zero-shot rule applied to the
+studies' own report embeddings from the model's text tower instead of their image embeddings (how
+far can these prompts go, even for an image tower that reproduced its reports exactly?).
+
 Metrics are flat ``name -> float`` dicts so they fit a Flower ``MetricRecord`` unchanged. A metric
 that cannot be computed on a split (a finding with no positives) is reported as 0 with a companion
 ``<name>-count`` of 0, so every site sends the same finite keys and aggregation can weight by count.
@@ -23,7 +30,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from hlip_fed.model import HLIP
 from hlip_fed.model.text_cache import TextFeatureCache
@@ -107,6 +116,39 @@ def zeroshot_metrics(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]
     return metrics
 
 
+def _scored(y: np.ndarray) -> np.ndarray:
+    """Which studies have a known label (0 or 1; -1 is unknown)."""
+    return np.asarray(y).astype(int) >= 0
+
+
+def probe_aucs(embeddings: torch.Tensor, labels: dict[str, np.ndarray], folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Per finding, the AUC of a ``folds``-fold cross-validated logistic regression on frozen
+    ``embeddings`` [N, E] (studies labelled -1 left out); NaN when a class has fewer than ``folds``
+    studies."""
+    x = embeddings.float().numpy()
+    out = {}
+    for name, y in labels.items():
+        keep = _scored(y)
+        yk = np.asarray(y)[keep].astype(int)
+        if min(yk.sum(), len(yk) - yk.sum()) < folds:
+            out[name] = float("nan")
+            continue
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        p = cross_val_predict(LogisticRegression(max_iter=2000), x[keep], yk, cv=cv, method="predict_proba")[:, 1]
+        out[name] = float(roc_auc_score(yk, p))
+    return out
+
+
+def label_aucs(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC of ``probs`` per finding (studies labelled -1 left out; NaN with one class only)."""
+    out = {}
+    for name, p in probs.items():
+        keep = _scored(labels[name])
+        y = np.asarray(labels[name])[keep].astype(int)
+        out[name] = float(roc_auc_score(y, np.asarray(p)[keep])) if 0 < y.sum() < len(y) else float("nan")
+    return out
+
+
 def recall_at_k(sim: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
     """Fraction of rows whose own column (the diagonal) ranks within the top ``k``."""
     n = sim.shape[0]
@@ -139,7 +181,7 @@ def evaluate(
     labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
     template: str = DEFAULT_TEMPLATE, device: str = "cpu", bootstrap: int = 0, seed: int = 0,
     embedded: tuple[torch.Tensor, list[str], list[str]] | None = None,
-    text_cache: TextFeatureCache | None = None,
+    text_cache: TextFeatureCache | None = None, diagnose: bool = False,
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
     labels are left out of zero-shot); ``prompts`` maps finding -> (negatives, positives).
@@ -148,6 +190,11 @@ def evaluate(
     ``<metric>-ci-high`` give the 95 % interval of the headline metrics. ``embedded`` is
     :func:`embed_images`' result for ``loader`` when the caller already has it; ``text_cache``
     (a locked text encoder's, computed in fp32) supplies the reports' and prompts' encoder features.
+
+    The bootstrap also gives each finding's ``auc-<finding>-ci-low`` / ``-ci-high`` (draws without
+    both classes are skipped). With ``diagnose`` (and prompts) the metrics gain ``probe-<finding>``
+    (:func:`probe_aucs` of the image embeddings) and ``ceiling-<finding>`` (the zero-shot rule on
+    the studies' report embeddings), each with a ``-mean`` over findings.
     """
     image_emb, ids, reports = embedded if embedded is not None else embed_images(model, loader, device)
     text_emb = embed_texts(model, tokenizer, reports, device=device, cache=text_cache)
@@ -157,9 +204,18 @@ def evaluate(
         known = labels or {}
         y = {f: np.array([known[sid][f] if sid in known else -1 for sid in ids]) for f in prompts}
     metrics = {"num-examples": float(len(ids)), **_split_metrics(image_emb, text_emb, probs, y)}
+    if diagnose and probs is not None:
+        ceiling = label_aucs(zeroshot_probabilities(model, tokenizer, text_emb, prompts, template, text_cache), y)
+        for prefix, scores in (("probe", probe_aucs(image_emb, y, seed=seed)), ("ceiling", ceiling)):
+            for f, v in scores.items():  # uncomputable: 0 with a count of 0, as zero-shot does
+                metrics[f"{prefix}-{f}"], metrics[f"{prefix}-{f}-count"] = (
+                    (v, float(_scored(y[f]).sum())) if math.isfinite(v) else (0.0, 0.0))
+            known = [v for v in scores.values() if math.isfinite(v)]
+            metrics[f"{prefix}-mean"], metrics[f"{prefix}-mean-count"] = (
+                (float(np.mean(known)), float(len(known))) if known else (0.0, 0.0))
     if bootstrap and len(ids) > 1:
         rng = np.random.default_rng(seed)
-        heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10")
+        heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10", *(f"auc-{f}" for f in (prompts or {})))
         draws: dict[str, list[float]] = {k: [] for k in heads}
         for _ in range(bootstrap):
             idx = rng.integers(0, len(ids), len(ids))
@@ -170,7 +226,7 @@ def evaluate(
                 {f: v[idx] for f, v in y.items()} if y is not None else None,
             )
             for k in heads:
-                if k in m:
+                if k in m and m.get(f"{k}-count", 1) > 0:
                     draws[k].append(m[k])
         for k, v in draws.items():
             if v:

@@ -14,10 +14,15 @@ All methods get the same compute: batch size ``train.batch_size`` and a budget o
 * ``loso``: for each site, the federation of the other sites, evaluated on that site's test split.
 
 Everything but ``loso`` is evaluated on the consortium's held-out set. ``OUT/results.json`` has one
-block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5``, ``r10`` and
-``zeroshot_auc_<finding>`` (mean over seeds, with ``_sd`` from two seeds on and the first seed's
-bootstrap 95 % interval over held-out studies); ``OUT/results.md`` and ``OUT/results.png`` show
-the same. If ``DIR`` does not exist it is generated (``--preset``).
+block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5``, ``r10``,
+``probe_auc_mean``, ``prompt_ceiling_mean`` and, per finding, ``zeroshot_auc_<finding>``,
+``probe_auc_<finding>`` (a 5-fold cross-validated logistic probe of the held-out image embeddings:
+does the image tower encode the finding?) and ``prompt_ceiling_<finding>`` (the prompts scored
+against the held-out reports' embeddings from the same model's text tower: how far can zero-shot
+with these prompts go?). Each is the mean over seeds, with ``_sd`` from two seeds on and ``_ci95``,
+the first seed's bootstrap 95 % interval over held-out studies (zero-shot and retrieval);
+``OUT/results.md`` and ``OUT/results.png`` show the same. If ``DIR`` does not exist it is generated
+(``--preset``).
 """
 
 from __future__ import annotations
@@ -43,15 +48,25 @@ from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
-FINDING_AUC = "zeroshot_auc_"  # + finding name: one column per finding (finding_keys, markdown)
-KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10"}
+# results.json key -> evaluate()'s metric, and the column heading in results.md
+KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10",
+        "probe_auc_mean": "probe-mean", "prompt_ceiling_mean": "ceiling-mean"}
+HEADINGS = {"zeroshot_auc_mean": "zero-shot AUC", "balanced_acc_mean": "balanced acc", "r1": "R@1", "r5": "R@5",
+            "r10": "R@10", "probe_auc_mean": "probe AUC", "prompt_ceiling_mean": "prompt ceiling"}
+# Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
+FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
+                    "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
 
 
 def finding_keys(run: dict) -> dict[str, str]:
-    """``zeroshot_auc_<finding>`` for each finding a run scored: a mean near chance can hide one
-    finding that is learnt."""
-    return {f"{FINDING_AUC}{k[4:-6]}": k[:-6] for k in run
-            if k.startswith("auc-") and k.endswith("-count") and k != "auc-mean-count" and run[k] > 0}
+    """``zeroshot_auc_<finding>``, ``probe_auc_<finding>`` and ``prompt_ceiling_<finding>`` for each
+    finding a run scored: a mean near chance can hide one finding that is learnt."""
+    out = {}
+    for family, (metric, _) in FINDING_FAMILIES.items():
+        for k, count in run.items():
+            if k.startswith(metric) and k.endswith("-count") and k != f"{metric}mean-count" and count > 0:
+                out[family + k[len(metric):-len("-count")]] = k[: -len("-count")]
+    return out
 
 
 class Consortium:
@@ -81,7 +96,8 @@ class Consortium:
 
 def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=None) -> dict[str, float]:
     loader = cons.loader(dataset if dataset is not None else cons.heldout)
-    return evaluate(model, tok, loader, labels if labels is not None else cons.labels, cons.prompts, bootstrap=200)
+    return evaluate(model, tok, loader, labels if labels is not None else cons.labels, cons.prompts, bootstrap=200,
+                    diagnose=True)
 
 
 @torch.no_grad()
@@ -220,29 +236,37 @@ def summarise(per_seed: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    rows = ["| method | zero-shot AUC | balanced acc | R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|"]
+    """The methods' headline table, then one table per finding family (zero-shot, probe, ceiling)."""
     per: list[tuple[str, dict]] = []
+    for method, b in summary.items():
+        if method == "local_worst":
+            per.append((f"{method} ({b['site']})", b))
+        elif method in ("local", "loso"):
+            per += [(f"{method} ({site})", bb) for site, bb in b.items()]
+        else:
+            per.append((method, b))
 
     def fmt(b: dict, k: str) -> str:
         if k not in b:
             return "–"
-        return f"{b[k]:.3f} ± {b[k + '_sd']:.3f}" if k + "_sd" in b else f"{b[k]:.3f}"
+        text = f"{b[k]:.3f} ± {b[k + '_sd']:.3f}" if k + "_sd" in b else f"{b[k]:.3f}"
+        if k + "_ci95" in b and k.startswith("zeroshot_auc_") and k != "zeroshot_auc_mean":
+            text += " [{:.2f}, {:.2f}]".format(*b[k + "_ci95"])
+        return text
 
-    for method, b in summary.items():
-        blocks = b.items() if method in ("local", "loso") else [(None, b)]
-        for site, bb in blocks:
-            if method == "local_worst":
-                site, bb = bb["site"], bb
-            label = method if site is None else f"{method} ({site})"
-            rows.append(f"| {label} | " + " | ".join(fmt(bb, k) for k in KEYS) + " |")
-            per.append((label, bb))
-    cut = len(FINDING_AUC)
-    names = sorted({k for _, bb in per for k in bb if k.startswith(FINDING_AUC) and k[cut:] != "mean"
-                    and not k.endswith(("_sd", "_ci95"))})
-    if names:
-        rows += ["", "| method | " + " | ".join(f"AUC {k[cut:]}" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
-        rows += [f"| {label} | " + " | ".join(fmt(bb, k) for k in names) + " |" for label, bb in per]
-    return "\n".join(rows) + "\n"
+    def rows(columns: list[str], headings: list[str]) -> list[str]:
+        out = ["| method | " + " | ".join(headings) + " |", "|---" * (len(columns) + 1) + "|"]
+        return out + [f"| {label} | " + " | ".join(fmt(b, k) for k in columns) + " |" for label, b in per]
+
+    lines = rows(list(KEYS), [HEADINGS[k] for k in KEYS])
+    for family, (_, title) in FINDING_FAMILIES.items():
+        names = sorted({k[len(family):] for _, b in per for k in b if k.startswith(family)
+                        and not k.endswith(("_sd", "_ci95")) and k[len(family):] != "mean"})
+        if names:
+            lines += ["", f"{title[0].upper()}{title[1:]} per finding" + (" [bootstrap 95 % interval, first seed]"
+                                                                          if family == "zeroshot_auc_" else "") + ":", ""]
+            lines += rows([family + n for n in names], names)
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:

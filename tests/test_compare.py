@@ -3,11 +3,15 @@
 import json
 import shlex
 
-from conftest import FAST_RUN
+from conftest import FAST_RUN, write_mini_consortium
 from simulations.compare import main as compare_main
 
+FAMILIES = ("zeroshot_auc_", "probe_auc_", "prompt_ceiling_")
 
-def test_compare_writes_every_method_with_finite_metrics(mini_consortium, tmp_path):
+
+def test_compare_writes_every_method_with_finite_metrics(tmp_path):
+    # 15 held-out studies: five per kind, enough for a 5-fold probe of every finding
+    mini_consortium = write_mini_consortium(tmp_path / "consortium", heldout=15)
     out = tmp_path / "cmp"
     overrides = " ".join(shlex.quote(o) for o in FAST_RUN)
     assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "",
@@ -20,11 +24,16 @@ def test_compare_writes_every_method_with_finite_metrics(mini_consortium, tmp_pa
     for block in blocks:
         for key in ("zeroshot_auc_mean", "balanced_acc_mean", "r1", "r5", "r10"):
             assert 0.0 <= block[key] <= 1.0, (key, block)
-        scored = [k for k in block if k.startswith("zeroshot_auc_") and k[13:] != "mean" and "_" not in k[13:]]
-        assert scored and all(0.0 <= block[k] <= 1.0 for k in scored), block  # per finding, not only the mean
         lo, hi = block["r5_ci95"]
         assert lo <= block["r5"] <= hi
+    for block in blocks[:-3]:  # held-out blocks (loso scores a site's 2 test studies: no probe there)
+        for finding in ("lesion-left", "lesion-right"):  # per finding, not only the mean
+            for family in FAMILIES:
+                assert 0.0 <= block[family + finding] <= 1.0, (family, finding, block)
+            lo, hi = block[f"zeroshot_auc_{finding}_ci95"]
+            assert 0.0 <= lo <= hi <= 1.0
     assert res["local_worst"]["site"] in sites
     assert (out / "results.md").read_text().startswith("| method")
-    assert "| AUC " in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
     assert (out / "results.png").stat().st_size > 1000
