@@ -1,9 +1,11 @@
-"""Data-path throughput: decode + preprocess versus the on-site tensor cache.
+"""Data-path throughput: decode + preprocess versus the on-site tensor cache, and augmentation.
 
-Generates a site (each study: one CT DICOM series and one gzip NIfTI MR), then times three passes
-over it with :class:`hlip_fed.data.dataset.SiteDataset`: without a cache (every epoch decodes),
-the first epoch with a cache (decode + write) and a second epoch (cache reads). Prints a markdown
-table and, with ``--json OUT``, writes the figures.
+Generates a site (each study: one CT DICOM series and one gzip NIfTI MR), then times passes over it
+with :class:`hlip_fed.data.dataset.SiteDataset`: without a cache (every epoch decodes), the first
+epoch with a cache (decode + write), a second epoch (cache reads), and cached training epochs with
+each augmentation preset (``data.augment``). Then the cost of each augmentation transform on one
+study of two scans at the model's size, the transform forced on. Prints markdown tables and, with
+``--json OUT``, writes the figures.
 
     python benchmarks/data.py --studies 8 --json data-bench.json
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from hlip_fed.config import DataConfig
+from hlip_fed.data.augment import PRESETS, StudyAugmentation
 from hlip_fed.data.dataset import SiteDataset
 from hlip_fed.data.dicom_writer import write_dicom_series
 
@@ -48,6 +51,30 @@ def epoch(ds: SiteDataset) -> float:
     return time.perf_counter() - t0
 
 
+def transform_costs(img_size, scans: int = 2, repeats: int = 5) -> list[dict]:
+    """Milliseconds per study of each transform of the ``scanner`` preset (also ``light``'s),
+    each forced to apply."""
+    from monai.transforms import OneOf
+
+    aug = StudyAugmentation("scanner", DataConfig(), img_size)
+    parts = []
+    for t in aug.transforms:
+        parts += list(t.transforms) if isinstance(t, OneOf) else [t]
+    rows = []
+    for t in parts:
+        if not hasattr(t, "prob"):
+            continue
+        t.prob = 1.0
+        t.set_random_state(0)
+        data = {"image": torch.rand(scans, *img_size), "report": "left", "lr_axes": [2] * scans}
+        t(dict(data))  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            t(dict(data))
+        rows.append({"transform": type(t).__name__, "ms_per_study": round(1000 * (time.perf_counter() - t0) / repeats, 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=8)
@@ -68,6 +95,9 @@ def main() -> None:
             "first epoch with cache (decode + write)": epoch(SiteDataset(site, DataConfig(cache_dir=str(cache)), args.img_size)),
             "cached epoch": epoch(SiteDataset(site, DataConfig(cache_dir=str(cache)), args.img_size)),
         }
+        for preset in PRESETS[1:]:
+            cfg = DataConfig(cache_dir=str(cache), augment=preset)
+            runs[f"cached epoch, augment={preset}"] = epoch(SiteDataset(site, cfg, args.img_size, train=True))
     base = runs["decode + preprocess (no cache)"]
     rows = [
         {"path": name, "seconds": round(sec, 4), "scans_per_s": round(scans / sec, 2), "speedup": round(base / sec, 2)}
@@ -78,8 +108,14 @@ def main() -> None:
     print("| path | seconds | scans/s | speed-up |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['path']} | {r['seconds']:.3f} | {r['scans_per_s']:.1f} | {r['speedup']:.1f}x |")
+    costs = transform_costs(args.img_size)
+    print(f"\nAugmentation transforms, one study of 2 scans of {args.img_size}, each forced on:\n")
+    print("| transform | ms per study |\n|---|---:|")
+    for r in costs:
+        print(f"| {r['transform']} | {r['ms_per_study']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "results": rows}, indent=2))
+        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "results": rows,
+                                         "augmentation_ms": costs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -102,11 +102,16 @@ class DataConfig:
     # oedema by about 0.06. Wider windows dilute them (a subdural window, -40..160, leaves the mass
     # 0.02; HLIP's chest window, -1150..350, leaves a bleed 0.02); set one for chest or whole-body CT.
     ct_window: list[float] = field(default_factory=lambda: [0.0, 80.0])
+    # CT voxels above this many HU (and their partial-volume rim) are bone and are set to the
+    # window's lower bound before resampling, so the skull is background at the model input instead
+    # of its brightest structure (hlip_fed/data/preprocess.py); null keeps bone (HLIP's plain window).
+    ct_bone_hu: float | None = 150.0
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
-    # Target voxel spacing in mm (depth, height, width); null keeps the source spacing.
+    # Target voxel spacing in mm (depth, height, width) for fit="crop"; null keeps the source spacing.
     target_spacing: list[float] | None = None
-    # How a resampled volume is brought to ``model.vision.img_size``: "crop" (centre pad/crop) or
-    # "resize" (trilinear interpolation of the whole field of view).
+    # How a volume is brought to ``model.vision.img_size``: "crop" (resample to ``target_spacing``,
+    # then centre pad/crop) or "resize" (resample the whole field of view to ``img_size``). Either
+    # resampling matches resolution, so equal output spacings mean equally sharp inputs.
     fit: str = "resize"
     # Scalar normalisation after intensity scaling to [0, 1]: HLIP uses the mean of ImageNet's
     # channel means and stds, which centres the voxels and makes them comparable in size to the
@@ -119,6 +124,10 @@ class DataConfig:
     # which protocol, hence which hospital, a study came from) cannot stand in for its content.
     # Evaluation always reads the first ``max_scans`` in manifest order. null: no sampling.
     train_scans: int | None = None
+    # Image augmentation of training studies at the site (hlip_fed/data/augment.py): "none",
+    # "light" (mirror with the report's sides swapped, affine, brightness) or "scanner" (light plus
+    # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution).
+    augment: str = "none"
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     num_workers: int = 0
 
@@ -297,6 +306,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.text.pooling must be cls or mean, not {cfg.model.text.pooling!r}")
     if cfg.model.loss.name not in ("clip", "siglip"):
         raise ConfigError(f"model.loss.name must be clip or siglip, not {cfg.model.loss.name!r}")
+    if cfg.data.augment not in ("none", "light", "scanner"):
+        raise ConfigError(f"data.augment must be none, light or scanner, not {cfg.data.augment!r}")
     if cfg.data.fit not in ("crop", "resize"):
         raise ConfigError(f"data.fit must be crop or resize, not {cfg.data.fit!r}")
     fed = cfg.federation

@@ -96,24 +96,10 @@ def upsample_patches(scores: np.ndarray, img_size) -> np.ndarray:
 
 
 def to_volume_grid(input_map: np.ndarray, volume, data_cfg, img_size) -> np.ndarray:
-    """Undo the preprocessing geometry: a map on the model input grid -> the scan's grid.
+    """Undo the preprocessing geometry: a map on the model input grid -> the scan's grid."""
+    from hlip_fed.data.preprocess import from_model_grid
 
-    ``fit="resize"`` stretched the whole field of view to ``img_size``, so the map is resized
-    back. ``fit="crop"`` resampled to ``target_spacing`` and centre-cropped or padded, so the crop
-    is undone first (cropped-away parts of the scan get 0) and the resampling second.
-    """
-    from hlip_fed.data.preprocess import center_fit, resize
-
-    t = torch.from_numpy(np.ascontiguousarray(input_map, dtype=np.float32))[None, None]
-    shape = list(volume.shape)
-    if data_cfg.fit == "crop":
-        if data_cfg.target_spacing is not None:
-            inter = [max(1, int(round(n * s / g))) for n, s, g in zip(shape, volume.spacing, data_cfg.target_spacing)]
-        else:
-            inter = shape
-        t = center_fit(t, inter)
-    t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if list(t.shape[2:]) != shape else t
-    return t[0, 0].numpy()
+    return from_model_grid(input_map, volume.shape, volume.spacing, data_cfg, img_size)
 
 
 def explain_study(model, tokenizer, study, text: str, data_cfg,

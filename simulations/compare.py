@@ -136,9 +136,7 @@ def split_validation(dataset: SiteDataset, fraction: float, seed: int) -> tuple[
     n = len(dataset)
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * fraction))) if n > 2 else 0
-    plain = copy.copy(dataset)
-    plain.train_scans = None
-    return Subset(dataset, sorted(order[k:].tolist())), Subset(plain, sorted(order[:k].tolist()))
+    return Subset(dataset, sorted(order[k:].tolist())), Subset(dataset.evaluation_view(), sorted(order[:k].tolist()))
 
 
 def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: int, seed: int) -> Path:

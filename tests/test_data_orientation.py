@@ -61,12 +61,14 @@ def test_nifti_ras_lps_and_dicom_give_the_same_tensor(three_copies):
     cfg = DataConfig(fit="crop", target_spacing=[4.0, 1.5, 1.5])
     tensors = [preprocess(read_scan(p), cfg, (8, 16, 16)) for p in three_copies]
     assert tensors[0].shape == (1, 8, 16, 16)
+    # NIfTI stores spacings in float32 (0.800000012 mm), DICOM as decimal text (0.8 mm): the
+    # resolution filter and the sampling grid differ by that much, about 1e-5 at the input
     for t in tensors[1:]:
-        torch.testing.assert_close(t, tensors[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(t, tensors[0], rtol=0, atol=1e-4)
     cfg = DataConfig(fit="resize")
     tensors = [preprocess(read_scan(p), cfg, (8, 16, 16)) for p in three_copies]
     for t in tensors[1:]:
-        torch.testing.assert_close(t, tensors[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(t, tensors[0], rtol=0, atol=1e-4)
 
 
 def test_dicom_converted_keeps_world_coordinates(three_copies, tmp_path):

@@ -156,6 +156,30 @@ def test_training_draws_a_fixed_number_of_scans_in_random_order(site):
     assert all(torch.equal(a, train[0][0]) for a in draws[:1])  # reproducible for a seed
 
 
+def test_training_studies_are_augmented_and_evaluation_reads_them_plain(site, tmp_path):
+    cfg = DataConfig(augment="light", cache_dir=str(tmp_path / "cache"))
+    plain = SiteDataset(site, cfg, IMG, split="train")[0]
+    train = SiteDataset(site, cfg, IMG, split="train", train=True)
+    torch.manual_seed(0)
+    draws = [train[0] for _ in range(8)]
+    assert all(d[0].shape == plain[0].shape for d in draws)
+    assert sum(not torch.equal(d[0], plain[0]) for d in draws) >= 6  # the affine alone fires 4 in 5
+    reports = {d[1] for d in draws}  # s1 names the left frontal lobe; a mirror names the right
+    assert reports == {plain[1], plain[1].replace("left", "right")}
+    torch.manual_seed(0)
+    assert torch.equal(train[0][0], draws[0][0])  # reproducible for a seed, cache hits included
+    view = train.evaluation_view()
+    assert torch.equal(view[0][0], plain[0]) and view[0][1] == plain[1] and train.augment
+
+
+def test_the_cache_keeps_each_scans_left_right_axis(site, tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    ds = SiteDataset(site, cfg, IMG, split="train")
+    fresh = ds.load_scan(site / "train/s2/ct")
+    cached = SiteDataset(site, cfg, IMG, split="train").load_scan(site / "train/s2/ct")
+    assert ds.cache.misses == 1 and fresh[1] == cached[1] == 2 and torch.equal(fresh[0], cached[0])
+
+
 def test_dataset_with_no_usable_study(site):
     ds = SiteDataset(site, DataConfig(), IMG, split="test")
     with pytest.raises(DataError, match="no usable study"):

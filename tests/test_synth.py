@@ -254,6 +254,30 @@ def test_reports_mention_exactly_the_findings_present(consortium):
             _check_report(text, [Finding.from_json(f) for f in rec["findings"]])
 
 
+def test_no_generated_report_is_truncated_by_any_model_preset():
+    """Truncation cut second findings, negatives and impressions: every report the generator can
+    write, the longest included (all four findings, every sequence, each style), fits the context."""
+    from hlip_fed.config import load_config, model_presets
+    from hlip_fed.model import create_tokenizer
+    from hlip_fed.synth.anatomy import head_atlas
+    from hlip_fed.synth.findings import draw_findings
+    from hlip_fed.synth.reports import STYLES, write_report
+
+    rng = np.random.default_rng(3)
+    atlas = head_atlas()
+    texts = [text for text, _ in _many_reports(60)]
+    for style in STYLES:
+        for modality, seqs in (("CT", []), ("MR", ["T1", "T2", "FLAIR", "T1C"])):
+            for _ in range(5):
+                findings = draw_findings(atlas, {f: 1 for f in FINDINGS}, rng)
+                texts.append(write_report(findings, modality, seqs, style, rng, 5.0))
+    for preset in model_presets():
+        cfg = load_config(preset).model
+        tok = create_tokenizer(cfg)
+        longest = max(len(tok.hf(cfg.text.prefix + t)["input_ids"]) for t in texts)
+        assert longest <= cfg.text.context_length, (preset, longest, cfg.text.context_length)
+
+
 def test_prompts_use_held_out_wording(consortium):
     from hlip_fed.synth.prompts import PROMPT_TERMS, PROMPTS
     from hlip_fed.synth.reports import TEMPLATE_TERMS

@@ -13,7 +13,8 @@ float32 tensor, and a site trains over the same scans every round. Entries are k
 
 Content digests are memoised per source path together with the (size, mtime, ctime, inode) of each
 file, so a warm epoch only ``stat``s the sources instead of re-reading them; any change of those
-values triggers a re-hash. Files are written atomically (temporary file + ``os.replace``) with
+values triggers a re-hash. Each entry holds the tensor and a few strings about it (which axis
+runs left-right). Files are written atomically (temporary file + ``os.replace``) with
 safetensors, so concurrent data-loader workers and interrupted runs never leave a torn entry. The
 source folder is never written.
 """
@@ -32,8 +33,8 @@ import torch
 from hlip_fed.config import config_hash
 from hlip_fed.data.files import scan_stem
 
-PREPROCESS_VERSION = 1  # bump when reading or preprocessing changes in a way the config does not express
-_PREPROCESS_KEYS = ("ct_window", "mri_percentiles", "target_spacing", "fit", "mean", "std")
+PREPROCESS_VERSION = 2  # bump when reading or preprocessing changes in a way the config does not express
+_PREPROCESS_KEYS = ("ct_window", "ct_bone_hu", "mri_percentiles", "target_spacing", "fit", "mean", "std")
 
 
 def preprocess_key(data_cfg, img_size: Sequence[int]) -> str:
@@ -123,39 +124,39 @@ class TensorCache:
         key = hashlib.sha256(f"{self.source_digest(source)}:{self.settings}".encode()).hexdigest()[:32]
         return self.root / "tensors" / key[:2] / f"{key}.safetensors"
 
-    def get(self, source: str | os.PathLike) -> torch.Tensor | None:
-        return self._read(self.entry(source))
-
-    def put(self, source: str | os.PathLike, tensor: torch.Tensor) -> None:
-        self._write(self.entry(source), source, tensor)
-
-    def load(self, source: str | os.PathLike, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The cached tensor for ``source``, or ``compute()`` stored for next time."""
+    def load(self, source: str | os.PathLike,
+             compute: Callable[[], tuple[torch.Tensor, dict[str, str]]]) -> tuple[torch.Tensor, dict[str, str]]:
+        """The cached tensor for ``source`` and its metadata (string pairs, e.g. which axis runs
+        left-right), or ``compute()``'s, stored for next time."""
         path = self.entry(source)
         cached = self._read(path)
         if cached is not None:
             self.hits += 1
             return cached
         self.misses += 1
-        tensor = compute()
-        self._write(path, source, tensor)
-        return tensor
+        tensor, meta = compute()
+        self._write(path, source, tensor, meta)
+        return tensor, meta
 
     @staticmethod
-    def _read(path: Path) -> torch.Tensor | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _read(path: Path) -> tuple[torch.Tensor, dict[str, str]] | None:
+        from safetensors import SafetensorError, safe_open
 
         if not path.is_file():
             return None
         try:
-            return load_file(str(path))["image"]
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensor = f.get_tensor("image")
         except (OSError, KeyError, SafetensorError, RuntimeError):
             return None  # a damaged entry is a miss; it is rewritten after recomputing
+        meta.pop("source", None)
+        meta.pop("settings", None)
+        return tensor, meta
 
-    def _write(self, path: Path, source: str | os.PathLike, tensor: torch.Tensor) -> None:
+    def _write(self, path: Path, source: str | os.PathLike, tensor: torch.Tensor, meta: dict[str, str]) -> None:
         from safetensors.torch import save_file
 
-        meta = {"source": str(source), "settings": self.settings}
+        meta = {**meta, "source": str(source), "settings": self.settings}
         data = {"image": tensor.detach().to("cpu", torch.float32).contiguous()}
         _atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))

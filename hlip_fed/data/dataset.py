@@ -8,12 +8,15 @@ with a logged reason (the next usable study takes its place, so batches keep the
 unreadable scan inside a usable study is skipped the same way. Studies keep at most
 ``data.max_scans`` scans, the first readable ones in manifest order; a training dataset with
 ``data.train_scans`` instead draws that many in random order each time (HLIP's scan sampling,
-drawn from torch's generator so a seeded round is reproducible). ``collate_studies`` pads studies
-with fewer scans and returns the mask the HLIP vision tower consumes.
+drawn from torch's generator so a seeded round is reproducible), and is augmented as
+``data.augment`` says (:mod:`hlip_fed.data.augment`; in the DataLoader's workers when it has any).
+``collate_studies`` pads studies with fewer scans and returns the mask the HLIP vision tower
+consumes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -41,6 +44,11 @@ class SiteDataset(Dataset):
     ):
         self.site = Path(site_dir)
         self.train_scans = data_cfg.train_scans if train else None
+        self.augment = None
+        if train and data_cfg.augment != "none":
+            from hlip_fed.data.augment import StudyAugmentation  # here: importing MONAI takes seconds
+
+            self.augment = StudyAugmentation(data_cfg.augment, data_cfg, img_size)
         self.data_cfg = data_cfg
         self.img_size = [int(s) for s in img_size]
         self.max_scans = int(data_cfg.max_scans)
@@ -64,15 +72,23 @@ class SiteDataset(Dataset):
             self.rejected[entry["study_id"]] = reason
             log.warning("skipping study %s: %s", entry["study_id"], reason)
 
-    def load_scan(self, path: str | os.PathLike) -> torch.Tensor:
-        """One preprocessed scan [1, D, H, W], from the cache when possible."""
-        from hlip_fed.data.preprocess import preprocess
+    def evaluation_view(self) -> "SiteDataset":
+        """The same studies read as evaluation reads them: no scan sampling, no augmentation."""
+        view = copy.copy(self)
+        view.train_scans, view.augment = None, None
+        return view
+
+    def load_scan(self, path: str | os.PathLike) -> tuple[torch.Tensor, int]:
+        """One preprocessed scan [1, D, H, W] and its left-right axis, from the cache when possible."""
+        from hlip_fed.data.preprocess import lr_axis, preprocess
         from hlip_fed.data.readers import read_scan
 
-        def compute() -> torch.Tensor:
-            return preprocess(read_scan(path), self.data_cfg, self.img_size)
+        def compute() -> tuple[torch.Tensor, dict[str, str]]:
+            volume = read_scan(path)
+            return preprocess(volume, self.data_cfg, self.img_size), {"lr_axis": str(lr_axis(volume))}
 
-        return self.cache.load(path, compute) if self.cache is not None else compute()
+        tensor, meta = self.cache.load(path, compute) if self.cache is not None else compute()
+        return tensor, int(meta["lr_axis"])
 
     def load_study(self, entry: dict) -> tuple[torch.Tensor, str, str]:
         """Raises DataError when the study has no usable report or no readable scan."""
@@ -80,21 +96,27 @@ class SiteDataset(Dataset):
         candidates = entry["scans"]
         if self.train_scans:
             candidates = [candidates[i] for i in torch.randperm(len(candidates)).tolist()]
-        scans, reasons = [], []
+        scans, axes, reasons = [], [], []
         for scan in candidates:
             if len(scans) >= (self.train_scans or self.max_scans):
                 break
             path = self.site / scan["path"]
             try:
-                scans.append(self.load_scan(path))
+                tensor, axis = self.load_scan(path)
+                scans.append(tensor)
+                axes.append(axis)
             except DataError as exc:
                 reasons.append(str(exc))
                 log.warning("skipping scan of study %s: %s", entry["study_id"], exc)
         if not scans:
             raise DataError(self.site / entry.get("path", entry["study_id"]), "no readable scan (" + "; ".join(reasons) + ")")
         if self.train_scans:  # repeat a short study's scans up to the fixed count
-            scans = (scans * -(-self.train_scans // len(scans)))[: self.train_scans]
-        return torch.stack(scans), report, entry["study_id"]
+            repeat = -(-self.train_scans // len(scans))
+            scans, axes = (scans * repeat)[: self.train_scans], (axes * repeat)[: self.train_scans]
+        study = torch.stack(scans)
+        if self.augment:
+            study, report = self.augment(study, report, axes)
+        return study, report, entry["study_id"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, str]:
         n = len(self.entries)

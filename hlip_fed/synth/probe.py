@@ -180,12 +180,12 @@ def format_result(result: dict) -> str:
 FOCAL = ("mass", "haemorrhage", "infarct")
 
 
-def _model_masks(path: Path, img_size) -> dict[str, np.ndarray]:
+def _model_masks(path: Path, img_size, data_cfg) -> dict[str, np.ndarray]:
     """Each focal finding's truth mask (bit ``FINDINGS.index(f)``) resampled like the scans."""
     import nibabel as nib
     import torch
 
-    from hlip_fed.data.preprocess import resize
+    from hlip_fed.data.preprocess import to_model_grid
     from hlip_fed.data.volume import make_volume
 
     img = nib.load(str(path))
@@ -195,7 +195,7 @@ def _model_masks(path: Path, img_size) -> dict[str, np.ndarray]:
         m = ((bits >> FINDINGS.index(f)) & 1).astype(np.float32)
         if m.any():
             vol = make_volume(m, img.affine, "MR", str(path))
-            out[f] = resize(torch.from_numpy(vol.array)[None, None], img_size)[0, 0].numpy() > 0.5
+            out[f] = to_model_grid(torch.from_numpy(vol.array)[None, None], vol.spacing, data_cfg, img_size)[0, 0].numpy() > 0.5
     return out
 
 
@@ -220,7 +220,7 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     contrast: dict[tuple[str, str], list[float]] = {}
     for r in load_records(root, cohort):
-        masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size)
+        masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size, cfg)
         normal = not any(r["labels"][f] for f in FOCAL)
         for scan in r["scans"]:
             x = unit_intensity(preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg,
