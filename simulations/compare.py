@@ -89,9 +89,13 @@ class Consortium:
                 for i, y in self.site_labels[name].items()}
 
     def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        """Batches of ``dataset``; a shuffled (training) loader reads and augments studies in
+        ``data.num_workers`` worker processes, kept for every pass."""
         gen = torch.Generator().manual_seed(seed)
+        workers = self.cfg.data.num_workers if shuffle else 0
         return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=shuffle, generator=gen,
-                          collate_fn=collate_studies, drop_last=shuffle and len(dataset) > self.cfg.train.batch_size)
+                          collate_fn=collate_studies, drop_last=shuffle and len(dataset) > self.cfg.train.batch_size,
+                          num_workers=workers, persistent_workers=workers > 0)
 
 
 def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=None) -> dict[str, float]:

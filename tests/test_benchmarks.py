@@ -115,3 +115,37 @@ def test_text_cache_benchmark_times_training_and_evaluation(mini_consortium, tmp
     cached = [r for r in data["rows"] if r["variant"] == "cached"]
     assert cached[0]["encoded"] > 0 and all(r["eval_seconds"] > 0 for r in data["rows"])
     assert "evaluation (test split" in proc.stdout
+
+
+def test_inputs_benchmark_sees_bone_only_when_it_is_kept(tmp_path):
+    from hlip_fed.cli import main
+
+    data = tmp_path / "c"  # five sites: the two CT archetypes (stroke centre, trauma centre) among them
+    assert main(["synth", "--out", str(data), "--sites", "5", "--studies", "2", "--heldout", "8", "--seed", "3",
+                 "--workers", "1", "--no-preview"]) == 0
+    figures = {}
+    for name, overrides in (("masked", ""), ("kept", "data.ct_bone_hu=null")):
+        out = tmp_path / f"{name}.json"
+        proc = run("inputs.py", str(data), "--studies", "2", "--overrides", overrides, "--json", str(out), timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        figures[name] = json.loads(out.read_text())
+    for name, fig in figures.items():
+        ct = [c for c in fig["cohorts"] if c["modality"] == "CT"]
+        assert len(ct) == 3 and all(c["scans"] > 0 and 0 < c["grad99"] < 2 for c in ct)  # two sites + held-out
+        assert 0.5 <= fig["sharpness_auc_ct_sites"] <= 1.0
+    assert all(c["saturated"] < 0.01 for c in figures["masked"]["cohorts"] if c["modality"] == "CT")  # a bleed at most
+    assert all(c["saturated"] > 0.05 for c in figures["kept"]["cohorts"] if c["modality"] == "CT")  # the skull
+
+
+def test_data_benchmark_times_the_cache_and_each_augmentation(tmp_path):
+    out = tmp_path / "data.json"
+    proc = run("data.py", "--studies", "2", "--ct-shape", "8", "48", "48", "--mr-shape", "48", "48", "8",
+               "--img-size", "8", "32", "32", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    paths = [r["path"] for r in data["results"]]
+    assert paths[-2:] == ["cached epoch, augment=light", "cached epoch, augment=scanner"]
+    assert all(r["seconds"] > 0 for r in data["results"])
+    names = {r["transform"] for r in data["augmentation_ms"]}
+    assert {"RandLateralFlipd", "RandAffined", "Rand3DElasticd", "RandBiasFieldd"} <= names
+    assert all(r["ms_per_study"] > 0 for r in data["augmentation_ms"])
