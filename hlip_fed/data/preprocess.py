@@ -94,6 +94,8 @@ def sample_centred(t: torch.Tensor, spacing: Sequence[float], out_spacing: Seque
                    size: Sequence[int]) -> torch.Tensor:
     """Sample a [1, 1, D, H, W] tensor with voxel ``spacing`` on a grid of ``size`` voxels of
     ``out_spacing`` that shares its centre (trilinear; 0 outside the tensor's field of view)."""
+    if list(t.shape[2:]) == [int(m) for m in size] and all(math.isclose(g, s) for s, g in zip(spacing, out_spacing)):
+        return t  # the scan is already on that grid
     axes = []
     for n, s, g, m in zip(t.shape[2:], spacing, out_spacing, size):
         index = (n - 1) / 2.0 + (torch.arange(int(m), dtype=torch.float64) - (int(m) - 1) / 2.0) * (g / s)
