@@ -54,6 +54,10 @@ class VisionConfig:
     drop_path: float = 0.0
     max_scans: int = 40  # slots of the scan-index position embedding
     patch_dropout: float = 0.0  # fraction of patch tokens dropped per window in training
+    # Patch embedding: "patch" is HLIP's (one Conv3d with kernel = stride = patch_size); "conv" a
+    # convolutional stem (3x3x3 convolutions halving the grid until it is the patch grid, GroupNorm,
+    # GELU, then a 1x1x1 projection), a prior for small lesions that a patch of several cm hides.
+    stem: str = "patch"
     # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
     # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. A small
     # tower trained on little data fits much faster with max pooling than through the CLS token,
@@ -74,7 +78,11 @@ class TextConfig:
     lock: bool = True  # frozen, no gradients, never trained or federated
     context_length: int = 128
     prefix: str = ""  # prepended to every report, e.g. "This MRI study shows: "
+    # The projection into the joint space: "linear" (learnt, HLIP's) or "identity" (the joint space
+    # is the encoder's own, which keeps the prompts' geometry; needs embed_dim = the encoder's width).
+    proj: str = "linear"
     shuffle_sentences: bool = False  # training-time augmentation of report sentence order
+    sections: str = "all"  # "all", or "findings": only the findings and impression sections
 
 
 @dataclass
@@ -143,6 +151,9 @@ class TrainConfig:
     warmup_steps: int = 2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     grad_clip: float = 1.0
+    # Pooled training over several sites (simulations.compare's reference): draw every batch from one
+    # site, as each site's own training does, instead of mixing sites in a batch.
+    site_batches: bool = False
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA)
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -300,6 +311,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.train_scans must be between 1 and model.vision.max_scans ({v.max_scans})")
     if not 0.0 <= v.patch_dropout < 1.0:
         raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
+    if v.stem not in ("patch", "conv"):
+        raise ConfigError(f"model.vision.stem must be patch or conv, not {v.stem!r}")
+    if v.stem == "conv" and any(p & (p - 1) for p in v.patch_size):
+        raise ConfigError(f"model.vision.stem=conv needs power-of-two patch sizes, not {list(v.patch_size)}")
+    if cfg.model.text.sections not in ("all", "findings"):
+        raise ConfigError(f"model.text.sections must be all or findings, not {cfg.model.text.sections!r}")
+    if cfg.model.text.proj not in ("linear", "identity"):
+        raise ConfigError(f"model.text.proj must be linear or identity, not {cfg.model.text.proj!r}")
     if v.pool not in ("token", "max", "avg"):
         raise ConfigError(f"model.vision.pool must be token, max or avg, not {v.pool!r}")
     if cfg.model.text.pooling not in ("cls", "mean"):

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from hlip_fed.config import Config, load_config
-from hlip_fed.data.dataset import SiteDataset, collate_studies
+from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
 from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
@@ -90,12 +90,17 @@ class Consortium:
 
     def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """Batches of ``dataset``; a shuffled (training) loader reads and augments studies in
-        ``data.num_workers`` worker processes, kept for every pass."""
+        ``data.num_workers`` worker processes, kept for every pass, and over several sites with
+        ``train.site_batches`` draws each batch from one site."""
         gen = torch.Generator().manual_seed(seed)
+        batch = self.cfg.train.batch_size
         workers = self.cfg.data.num_workers if shuffle else 0
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=shuffle, generator=gen,
-                          collate_fn=collate_studies, drop_last=shuffle and len(dataset) > self.cfg.train.batch_size,
-                          num_workers=workers, persistent_workers=workers > 0)
+        common = {"collate_fn": collate_studies, "num_workers": workers, "persistent_workers": workers > 0}
+        if shuffle and self.cfg.train.site_batches and isinstance(dataset, ConcatDataset):
+            sizes = [len(d) for d in dataset.datasets]
+            return DataLoader(dataset, batch_sampler=SiteBatchSampler(sizes, batch, gen), **common)
+        return DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen,
+                          drop_last=shuffle and len(dataset) > batch, **common)
 
 
 def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=None) -> dict[str, float]:

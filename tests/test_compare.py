@@ -37,3 +37,18 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     md = (out / "results.md").read_text()
     assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_pooled_site_batches_draw_each_batch_from_one_site(mini_consortium):
+    from torch.utils.data import ConcatDataset
+
+    from hlip_fed.config import load_config
+    from simulations.compare import Consortium
+
+    cfg = load_config("tiny", overrides=FAST_RUN + ["train.site_batches=true"])
+    cons = Consortium(mini_consortium, cfg)
+    pooled = ConcatDataset(list(cons.train.values()))
+    batches = [ids for _, _, _, ids in cons.loader(pooled, shuffle=True, seed=0)]
+    assert len(batches) == 6  # three sites of four studies, batches of two
+    assert all(len({i.split("-")[0] for i in ids}) == 1 for ids in batches), batches
+    assert len({ids[0].split("-")[0] for ids in batches}) == 3

@@ -225,3 +225,24 @@ def test_cache_covers_dicom_series_and_sidecars(site, tmp_path):
     (site / "train/s1/t1.json").write_text('{"modality": "CT"}')
     assert cache.source_digest(nifti) != d1
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "c").rglob("*"))
+
+
+def test_site_batches_never_mix_sites_and_cover_them_in_proportion():
+    from hlip_fed.data.dataset import SiteBatchSampler
+
+    sizes = [10, 25, 3, 17]
+    sampler = SiteBatchSampler(sizes, 4, torch.Generator().manual_seed(0))
+    edges = np.cumsum([0] + sizes)
+    site_of = lambda i: int(np.searchsorted(edges, i, side="right") - 1)  # noqa: E731
+    passes = [list(sampler) for _ in range(3)]
+    for batches in passes:
+        assert len(batches) == len(sampler) == 2 + 6 + 0 + 4
+        assert all(len(b) == 4 and len({site_of(i) for i in b}) == 1 for b in batches)
+        flat = [i for b in batches for i in b]
+        assert len(set(flat)) == len(flat)  # each study at most once a pass
+        assert [sum(site_of(b[0]) == s for b in batches) for s in range(4)] == [2, 6, 0, 4]
+    assert passes[0] != passes[1]  # a new order every pass ...
+    again = SiteBatchSampler(sizes, 4, torch.Generator().manual_seed(0))
+    assert list(again) == passes[0]  # ... reproducible for a seed
+    with pytest.raises(ValueError, match="no site has a full batch"):
+        SiteBatchSampler([3, 2], 4)

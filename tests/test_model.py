@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hlip_fed.config import AttentionConfig, load_config
+from hlip_fed.errors import HlipError
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.loss import clip_loss, siglip_loss
 from hlip_fed.model.pos_embed import scan_slots, sincos_1d, sincos_3d
@@ -306,3 +307,48 @@ def test_model_info_reports_a_vit_base(tmp_path):
     assert info["levels"] == ["scan", "scan", "study"] * 4
     assert info["input_shape"] == ["B", "N_scans", 1, 48, 224, 224]
     assert info["params_text"] > 0
+
+
+def test_conv_stem_reaches_the_patch_grid_and_keeps_padding_invariance(tiny_cfg):
+    from hlip_fed.model.vision import ConvStem3D
+
+    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem="conv"))
+    model = create_model(cfg, seed=0).eval()
+    assert isinstance(model.visual.patch_embed, ConvStem3D)
+    x = torch.randn(2, 2, 1, *cfg.vision.img_size)
+    tokens = model.visual.embed(x, torch.ones(2, 2, dtype=torch.bool))
+    assert tokens.shape[2:4] == (cfg.vision.img_size[0] // 8, (96 // 16) ** 2)  # the patch grid
+    mask = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        padded = model.encode_image(x.masked_fill(~mask[:, :, None, None, None, None], 0.0), mask)
+        alone = model.encode_image(x[1:, :1], mask[1:, :1])
+    torch.testing.assert_close(padded[1:], alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(HlipError, match="power-of-two"):
+        load_config("tiny", overrides=["model.vision.stem=conv", "model.vision.patch_size=[8,12,12]",
+                                       "model.vision.img_size=[32,96,96]"])
+
+
+def test_identity_text_projection_keeps_the_encoders_space(tiny_cfg):
+    text = dataclasses.replace(tiny_cfg.model.text, proj="identity")
+    model = create_model(dataclasses.replace(tiny_cfg.model, text=text, embed_dim=32), seed=0)  # tiny BERT: 32 wide
+    tok = create_tokenizer(model.cfg)
+    t = tok(["no bleed", "a large bleed"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(**t), F.normalize(model.text.features(**t), dim=-1))
+    assert not any(n.startswith("text.") for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(HlipError, match="embed_dim = the text encoder's width"):
+        create_model(dataclasses.replace(tiny_cfg.model, text=text, embed_dim=64), seed=0)
+
+
+def test_finding_sections_keep_findings_and_impression_only(tiny_cfg):
+    from hlip_fed.model.tokenizer import finding_sections
+
+    report = ("CLINICAL HISTORY: Fall.\nTECHNIQUE: Non-contrast axial CT of the head, 4 mm reconstructions.\n"
+              "FINDINGS:\nA left frontal haematoma. Mass: none.\nIMPRESSION:\nLeft frontal haematoma.\n")
+    kept = finding_sections(report)
+    assert kept == "FINDINGS:\nA left frontal haematoma. Mass: none.\nIMPRESSION:\nLeft frontal haematoma."
+    assert finding_sections("CT head: No haemorrhage. No mass.") == "CT head: No haemorrhage. No mass."
+    assert finding_sections("Indication: Seizure.\nReport: Atrophy.\nConclusion: Atrophy.") == "Report: Atrophy.\nConclusion: Atrophy."
+    text = dataclasses.replace(tiny_cfg.model.text, sections="findings")
+    tok = create_tokenizer(dataclasses.replace(tiny_cfg.model, text=text))
+    assert "technique" not in tok.hf.decode(tok([report])["input_ids"][0])

