@@ -94,6 +94,21 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
     return prov
 
 
+def departures_from_hlip(model_cfg) -> list[str]:
+    """The ways a model's config departs from HLIP's published architecture (what learns on a CPU
+    budget may not be what the paper trained)."""
+    out = []
+    if model_cfg.vision.pool != "token":
+        out.append(f"study embedding: {model_cfg.vision.pool} pooling of the final patch tokens, not HLIP's CLS token")
+    if model_cfg.vision.stem != "patch":
+        out.append("patch embedding: a convolutional stem, not HLIP's single strided convolution")
+    if model_cfg.text.proj != "linear":
+        out.append("text side: no projection; the joint space is the locked text encoder's own")
+    if model_cfg.text.sections != "all":
+        out.append("reports: only the findings and impression sections are read")
+    return out
+
+
 def _fmt_metrics(metrics: dict) -> list[str]:
     keys = [k for k in ("auc-mean", "bacc-mean", "r1", "r5", "r10") if k in metrics]
     return [f"| {k} | {metrics[k]:.3f} |" for k in keys]
@@ -108,14 +123,15 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
     """
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text_model = provenance.get("text_model")
-    if text_model is None and (out / "config.yaml").is_file():
+    text_model, departures = provenance.get("text_model"), []
+    if (out / "config.yaml").is_file():
         from hlip_fed.config import ModelConfig, section_from_yaml
 
         try:
-            text_model = section_from_yaml(ModelConfig, (out / "config.yaml").read_text()).text.name
+            model_cfg = section_from_yaml(ModelConfig, (out / "config.yaml").read_text())
+            text_model, departures = text_model or model_cfg.text.name, departures_from_hlip(model_cfg)
         except Exception:  # noqa: BLE001 - a card must still be written for an odd config
-            text_model = None
+            pass
     text_model = text_model or "sentence-transformers/all-MiniLM-L6-v2"
     data = provenance.get("data") or "synthetic phantoms (hlip-fed synth); no patient data"
     synthetic = "synthetic" in data.lower() or "phantom" in data.lower()
@@ -127,6 +143,7 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
         "data": data,
         "text_model": text_model,
         "final_metrics": provenance.get("final_metrics") or {},
+        "departures_from_hlip": departures,
         "intended_use": provenance.get("intended_use") or (
             "Research and development of federated 3D language-image pre-training: zero-shot "
             "classification, retrieval and fine-tuning experiments."),
@@ -161,6 +178,9 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
         f"| config hash | {t.get('config_hash') or 'n/a'} |",
         f"| text model | {text_model} |", "",
     ]
+    if departures:
+        lines += ["Where this model departs from HLIP's published architecture:", "",
+                  *[f"- {d}" for d in departures], ""]
     if t.get("sites"):
         lines += ["Sites and the training examples they contributed (summed over rounds):", "",
                   "| site | examples |", "|---|---|", *[f"| {k} | {v} |" for k, v in t["sites"].items()], ""]

@@ -21,8 +21,9 @@ does the image tower encode the finding?) and ``prompt_ceiling_<finding>`` (the 
 against the held-out reports' embeddings from the same model's text tower: how far can zero-shot
 with these prompts go?). Each is the mean over seeds, with ``_sd`` from two seeds on and ``_ci95``,
 the first seed's bootstrap 95 % interval over held-out studies (zero-shot and retrieval);
-``OUT/results.md`` and ``OUT/results.png`` show the same. If ``DIR`` does not exist it is generated
-(``--preset``).
+``OUT/results.md`` and ``OUT/results.png`` show the same. The pooled model is saved in
+``OUT/seed-<k>/pooled/model``, each federation's in ``OUT/seed-<k>/<method>/model``. If ``DIR`` does
+not exist it is generated (``--preset``).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
     if "pooled" in methods:
         log(f"seed {seed}: pooled, {budget} steps")
         model, tok = train_central(cfg, ConcatDataset(list(cons.train.values())), budget, seed, cons)
+        model.save_pretrained(out / "pooled" / "model")  # beside the federated runs' models
         res["pooled"] = heldout_metrics(model, tok, cons)
     if "local" in methods:
         res["local"] = {}

@@ -86,3 +86,20 @@ def test_progress_bars_are_quiet_off_a_terminal_and_in_ci(monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV, "0")
     assert list(progress.progress(range(3), desc="x")) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
+    from omegaconf import OmegaConf
+
+    from hlip_fed.config import load_config
+    from hlip_fed.model_card import write_model_card
+
+    for overrides, expected in (([], []), (["model.vision.pool=max", "model.text.proj=identity", "model.embed_dim=384"],
+                                           ["max pooling", "no projection"])):
+        out = tmp_path / str(len(overrides))
+        out.mkdir()
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(load_config("tiny", overrides=overrides).model)))
+        card = write_model_card(out, {}).read_text()
+        data = json.loads((out / "model_card.json").read_text())
+        assert len(data["departures_from_hlip"]) == len(expected)
+        assert all(e in card for e in expected) and (("departs from HLIP" in card) == bool(expected))
