@@ -39,7 +39,9 @@ def main(grid: Grid, context: Context) -> None:
     # Nodes of the last completed round, so a stalled resume can say which sites it misses.
     known = [int(n) for n in (coord.resumed.state.get("train_sites", {}) if coord.resumed else {})]
     ledger = coord.resumed.state.get(PRIVACY_LEDGER) if coord.resumed else None  # DP accounting so far
-    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known, ledger)
+    per_round = cfg.federation.local_steps * cfg.train.grad_accum * cfg.train.batch_size  # an honest site's examples
+    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known, ledger,
+                              max_examples=per_round)
 
     grid = PromptGrid(grid, cfg.federation.poll_interval_s)
 

@@ -83,8 +83,9 @@ class HlipStrategy:
     """Mixin placed before a Flower strategy class (see :func:`build_strategy`)."""
 
     def setup(self, expected: dict[str, tuple[int, ...]], offset: int, fed: FederationConfig,
-              known_nodes: Iterable[int] = ()) -> None:
+              known_nodes: Iterable[int] = (), max_examples: float | None = None) -> None:
         self.expected, self.offset, self.fed = expected, offset, fed
+        self.max_examples = max_examples  # what an honest site can train on in a round
         self.round_record: dict = {}
         self.known_nodes: set[int] = set(known_nodes)  # every node that took part, for messages
         self._sent: dict[str, int] = {}  # message id -> destination node, for SuperLink errors
@@ -151,6 +152,7 @@ class HlipStrategy:
                         silent, self.fed.round_timeout_s)
         for r in rejected:
             log.warning("round %d: rejected the update of node %s: %s", server_round + self.offset, r.node_id, r.reason)
+        capped = self._cap_examples(good)
         sites = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values()))) for m in good}
         self.round_record.update(
             train_sites={str(k): v for k, v in sites.items()},
@@ -158,6 +160,7 @@ class HlipStrategy:
             bytes_per_site={str(k): v.get("bytes-sent", 0.0) for k, v in sites.items()},
             update_norms={str(k): v for k, v in norms.items()},
             no_reply=silent,
+            capped_examples=capped,
         )
         if sites:
             log.info("round %d: %.2f MB received per site", server_round + self.offset,
@@ -173,6 +176,24 @@ class HlipStrategy:
             )
         self.round_record["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def _cap_examples(self, replies: list[Message]) -> dict[str, float]:
+        """Cap every reply's self-reported ``num-examples`` (its weight in FedAvg) at what the run's
+        config lets a site train on in a round: a site claiming more cannot take over the average
+        while its update stays inside the norm screen. Returns node -> the claim that was capped."""
+        if not self.max_examples:
+            return {}
+        capped = {}
+        for m in replies:
+            for record in m.content.metric_records.values():
+                claimed = float(record.get("num-examples", 0.0))
+                if claimed > self.max_examples:
+                    record["num-examples"] = float(self.max_examples)
+                    capped[str(self._node_of(m))] = claimed
+        for node, claimed in capped.items():
+            log.warning("node %s reported %g training examples, more than the %g a round allows; weighted as %g",
+                        node, claimed, self.max_examples, self.max_examples)
+        return capped
 
     # -- evaluation ----------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -209,8 +230,10 @@ class HlipStrategy:
 
 
 def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None,
-                   known_nodes: Iterable[int] = (), privacy_ledger: dict | None = None):
-    """The run's strategy; ``privacy_ledger`` (from the resumed checkpoint) continues DP accounting."""
+                   known_nodes: Iterable[int] = (), privacy_ledger: dict | None = None,
+                   max_examples: float | None = None):
+    """The run's strategy; ``privacy_ledger`` (from the resumed checkpoint) continues DP accounting;
+    ``max_examples`` caps the ``num-examples`` a reply may claim (local steps x accumulation x batch)."""
     name = fed.strategy.lower()
     if name not in BASES:
         raise HlipError(f"federation.strategy {fed.strategy!r} is not one of {', '.join(BASES)}")
@@ -235,7 +258,7 @@ def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: di
         return build_private_strategy(base, fed, expected, offset, common, extra, known_nodes, privacy_ledger)
     cls = type(f"Hlip{base.__name__}", (HlipStrategy, base), {})
     strategy = cls(**common, **extra)
-    strategy.setup(expected, offset, fed, known_nodes)
+    strategy.setup(expected, offset, fed, known_nodes, max_examples)
     if state:
         strategy.load_state_arrays(state)
     return strategy

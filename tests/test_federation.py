@@ -69,13 +69,13 @@ def _reply(node, arrays, n):
     return msg
 
 
-def _strategy(name="fedavg"):
+def _strategy(name="fedavg", max_examples=None):
     from hlip_fed.config import FederationConfig
     from server.strategy import build_strategy
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     expected = {"w": (2, 2), "b": (2,)}
-    return build_strategy(FederationConfig(strategy=name, min_nodes=2), expected, offset=0)
+    return build_strategy(FederationConfig(strategy=name, min_nodes=2), expected, offset=0, max_examples=max_examples)
 
 
 def test_fedavg_of_two_sites_is_the_example_weighted_mean():
@@ -87,6 +87,21 @@ def test_fedavg_of_two_sites_is_the_example_weighted_mean():
     np.testing.assert_allclose(out["w"], 0.25 * 1 + 0.75 * 4.0)
     np.testing.assert_allclose(out["b"], 0.75)
     assert out["w"].dtype == np.float32
+
+
+def test_a_site_claiming_1e9_examples_is_weighted_as_an_honest_one():
+    """FedAvg weights by the sites' own num-examples: one claiming 1e9 would own the average while
+    its update stays inside the norm screen. The server caps claims at the run's per-round bound."""
+    s = _strategy(max_examples=30)
+    a = {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    b = {"w": np.full((2, 2), 4.0, np.float32), "b": np.ones(2, np.float32)}
+    arrays, _ = s.aggregate_train(1, [_reply(1, a, 30), _reply(2, b, 1e9)])
+    # without the cap the claim owns the average
+    uncapped, _ = _strategy().aggregate_train(1, [_reply(1, a, 30), _reply(2, b, 1e9)])
+    np.testing.assert_allclose(uncapped["w"].numpy(), 4.0, atol=1e-6)
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.5)  # equal weights, not 4.0
+    assert s.round_record["capped_examples"] == {"2": 1e9}
+    assert s.round_record["train_sites"]["2"]["num-examples"] == 30
 
 
 @pytest.mark.parametrize("bad", ["missing", "nan", "shape", "extra"])
