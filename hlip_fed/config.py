@@ -196,11 +196,15 @@ class FederationConfig:
     # Differential privacy (server/privacy.py): off, or server_fixed (central DP, the server clips
     # every site's update to dp_clipping_norm and adds Gaussian noise of std
     # dp_noise_multiplier * dp_clipping_norm / sites to the average). Site-level (epsilon, delta)
-    # is accounted per round at dp_delta with Flower's RDP accountant (needs flwr[dp]).
+    # is accounted per round at dp_delta with Flower's RDP accountant (needs flwr[dp]), at half the
+    # noise multiplier: the site count is public, so one site's update is replaced, not removed.
     dp: str = "off"
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Stop the run cleanly, keeping the last released model, before a round would spend more than
+    # this epsilon (at dp_delta); null: no limit.
+    dp_max_epsilon: float | None = None
 
 
 @dataclass
@@ -348,6 +352,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError("federation.dp_noise_multiplier and federation.dp_clipping_norm must be positive")
         if not 0 < fed.dp_delta < 1:
             raise ConfigError("federation.dp_delta must be strictly between 0 and 1")
+        if fed.dp_max_epsilon is not None and not fed.dp_max_epsilon > 0:
+            raise ConfigError("federation.dp_max_epsilon must be positive (or null: no limit)")
     if fed.transport not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"federation.transport must be fp32, fp16 or bf16, not {fed.transport!r}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):

@@ -8,10 +8,13 @@ the held-out set and checkpoints it (see :mod:`hlip_fed.federation.coordinator`)
 import logging
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
@@ -59,15 +62,22 @@ def main(grid: Grid, context: Context) -> None:
             plot_run(out)
         return MetricRecord(metrics) if metrics else None
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(coord.initial_arrays()),
-        num_rounds=remaining,
-        timeout=cfg.federation.round_timeout_s,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord(prompts_to_config(coord.prompts)),
-        evaluate_fn=after_round,
-    )
-    final = result.arrays if result.arrays is not None and len(result.arrays) else ArrayRecord(coord.initial_arrays())
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(coord.initial_arrays()),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout_s,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord(prompts_to_config(coord.prompts)),
+            evaluate_fn=after_round,
+        )
+        final = result.arrays if result.arrays is not None and len(result.arrays) else ArrayRecord(coord.initial_arrays())
+    except PrivacyBudgetExhausted:
+        last = load_latest(coord.ckpt_dir)  # the last released model, checkpointed when its round ended
+        log.warning("stopping after round %d: the next round would spend more than federation.dp_max_epsilon=%g",
+                    last.round if last else 0, cfg.federation.dp_max_epsilon)
+        final = ArrayRecord(coord.initial_arrays() if last is None else
+                            {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in last.arrays.items()})
     path = coord.finish(final.to_torch_state_dict())
     log.info("final global model saved to %s", path)

@@ -15,7 +15,10 @@ Why this order and these changes to how Flower's wrapper is used:
   site costs its own update, not the round. The noise std z*C/m follows the m sites actually
   averaged, so every round is a Gaussian release with multiplier z on the sum of clipped updates.
   The number of sites aggregated is public (the server logs it); what the guarantee hides is
-  the content of a site's update, at site level.
+  the content of a site's update, at site level. With a public count that is the replace-one
+  setting, accounted at half the noise multiplier (:mod:`hlip_fed.federation.privacy`);
+  ``federation.dp_max_epsilon`` refuses the round that would exceed it, and the ServerApp then
+  ends the run with the last released model.
 * Only per-reply checks (form, finiteness) may drop a reply before the noise. The relative
   update-norm check is switched off in this mode: whether it rejects site A depends on the other
   sites' updates, so adding or removing one site could change the sum by more than one clipped
@@ -76,7 +79,14 @@ class ScreenedFixedClipping(DifferentialPrivacyServerSideFixedClipping):
                 f"federation.min_nodes={population}; set min_nodes to the consortium's size"
             )
         self.num_sampled_clients = max(len(messages), 1)
-        return super()._prepare_accounting(server_round, messages)
+        # Flower makes the round's event from self.noise_multiplier; the noise keeps z, the event
+        # gets the multiplier that covers replace-one (hlip_fed.federation.privacy).
+        noise_multiplier = self.noise_multiplier
+        self.noise_multiplier = privacy.accounted_multiplier(noise_multiplier)
+        try:
+            return super()._prepare_accounting(server_round, messages)
+        finally:
+            self.noise_multiplier = noise_multiplier
 
     def _uniform(self, msg: Message) -> Message:
         """A copy of a screened reply with its arrays in the global model's order (Flower clips
@@ -126,6 +136,7 @@ class PrivateStrategy:
         self.round_record["privacy"] = {
             **privacy.spent(self.accountant),
             "noise_multiplier": self.noise_multiplier,
+            "accounted_multiplier": privacy.accounted_multiplier(self.noise_multiplier),
             "clipping_norm": self.clipping_norm,
             "noise_std": self.last_noise_std if released else 0.0,
             "sites": self.num_sampled_clients if released else 0,
@@ -146,7 +157,7 @@ def build_private_strategy(base, fed: FederationConfig, expected: dict, offset: 
 
     if base not in (FedAvg, FedProx):
         raise HlipError(f"federation.dp needs strategy fedavg or fedprox, not {fed.strategy!r}")
-    accountant = privacy.make_accountant(fed.dp_delta, fed.min_nodes)
+    accountant = privacy.make_accountant(fed.dp_delta, fed.min_nodes, fed.dp_max_epsilon)
     if ledger:
         privacy.restore(accountant, ledger)
     elif offset:

@@ -107,9 +107,25 @@ def test_ledger_is_compact_and_a_restored_accountant_continues_exactly():
     again = privacy.make_accountant(1e-5, 3)
     privacy.restore(again, saved)
     assert privacy.spent(again) == privacy.spent(acc)
-    assert privacy.epsilon_after(4, 1.0, 1e-5, 3) == pytest.approx(privacy.spent(acc)["epsilon"])
+    assert privacy.epsilon_after(4, 2.0, 1e-5, 3) == pytest.approx(privacy.spent(acc)["epsilon"])  # z=2 accounted at 1
     with pytest.raises(HlipError, match="privacy ledger"):
         privacy.restore(privacy.make_accountant(1e-6, 3), saved)  # another delta: epsilon would mean else
+
+
+def test_a_round_is_accounted_as_replace_one_at_half_the_noise_multiplier():
+    """The site count is public, so a neighbouring run replaces one site's clipped update: the sum
+    moves by up to 2C under noise z*C. Add-or-remove-one accounting at z/2 is that release."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    s = _dp_strategy(noise=2.0, clip=0.5)
+    s.aggregate_train(1, [_reply(n + 1, _moved(0.1, n)) for n in range(3)])
+    at_half = privacy.make_accountant(1e-5, 3)
+    at_half.compose(GaussianPrivacyEvent(1.0, 3, 3))
+    assert s.round_record["privacy"]["epsilon"] == pytest.approx(privacy.spent(at_half)["epsilon"])
+    assert s.round_record["privacy"]["accounted_multiplier"] == 1.0
+    assert s.round_record["privacy"]["noise_std"] == pytest.approx(2.0 * 0.5 / 3)  # the noise keeps z
+    assert privacy.epsilon_after(1, 2.0, 1e-5, 3) == pytest.approx(privacy.spent(at_half)["epsilon"])
+    assert privacy.epsilon_after(1, 2.0, 1e-5, 3) > privacy.epsilon_after(1, 4.0, 1e-5, 3)
 
 
 def test_resuming_without_a_ledger_is_refused():
@@ -163,3 +179,20 @@ def test_dp_federation_reports_growing_epsilon_and_a_resume_continues_it(mini_co
     server_main(grid, _context(rc, 33))
     assert {r for _, r, _ in grid.sent} == {3}
     assert _epsilons(tmp_path / "resumed") == full  # accounting continued exactly, not restarted
+
+
+def test_a_run_stops_cleanly_before_it_would_exceed_its_max_epsilon(mini_consortium, tmp_path):
+    from hlip_fed.model import HLIP
+    from server.app import main as server_main
+
+    limit = (privacy.epsilon_after(1, 0.5, 1e-5, 3) + privacy.epsilon_after(2, 0.5, 1e-5, 3)) / 2
+    rc = _rc(mini_consortium, tmp_path / "capped", "federation.rounds=3", f"federation.dp_max_epsilon={limit}")
+    server_main(InProcessGrid(rc, run_id=34), _context(rc, 34))  # returns: no crash
+    spent = _epsilons(tmp_path / "capped")
+    assert [r for r, _ in spent] == [1] and spent[0][1] <= limit  # round 2 would have exceeded it
+    model = HLIP.from_pretrained(tmp_path / "capped" / "model")  # the last released model is saved
+    final = {k: v for k, v in model.state_dict().items() if k in load_latest(tmp_path / "capped" / "checkpoints").arrays}
+    ckpt = load_latest(tmp_path / "capped" / "checkpoints")
+    assert ckpt.round == 1 and all(np.allclose(v.numpy(), ckpt.arrays[k]) for k, v in final.items())
+    with pytest.raises(HlipError, match="dp_max_epsilon"):
+        load_config("tiny", overrides=["federation.dp=server_fixed", "federation.dp_max_epsilon=0"])

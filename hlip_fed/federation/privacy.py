@@ -1,9 +1,14 @@
 """Privacy accounting of a federated run with central (server-side) differential privacy.
 
 What is protected is a *site*: the guarantee bounds how much the released global models change
-when one hospital's whole contribution is added or removed (site-level DP, add-or-remove-one
-neighbouring). Each round is one release of the Gaussian mechanism with noise multiplier ``z``
-on updates clipped to norm ``C``; rounds compose under Rényi DP with Flower's accountant
+when one hospital's whole contribution is replaced by another's. Each round releases the average
+of the ``m`` sites' updates clipped to norm ``C`` plus Gaussian noise of std ``z*C/m``; ``m`` is
+public (the server logs it), so neighbouring runs have the same ``m`` and differ in one site's
+update: the sum's sensitivity is ``2C`` (replace-one), not ``C`` (add-or-remove-one). Flower's
+accountant knows add-or-remove-one only; a Gaussian release with noise ``z*C`` at sensitivity
+``2C`` has exactly the Rényi divergence of one with noise ``(z/2)*C`` at sensitivity ``C``, so
+every round is accounted as add-or-remove-one at :func:`accounted_multiplier` ``z/2``, which
+covers the replace-one case. Rounds compose under Rényi DP with Flower's accountant
 (``flwr.supercore.privacy_accounting``, which wraps Google's ``dp-accounting``, the ``flwr[dp]``
 extra). No amplification by sampling is credited: Flower's fixed-clipping accounting allows only
 ``no-amplification`` (its site sampling is not Poisson), and a consortium trains with all its
@@ -29,8 +34,15 @@ from hlip_fed.errors import HlipError
 LEDGER_KEY = "privacy_ledger"  # round-record / checkpoint-state key of the accountant's ledger
 
 
-def make_accountant(delta: float, population: int):
-    """Flower's RDP accountant for site-level DP at ``delta`` over ``population`` sites."""
+def accounted_multiplier(noise_multiplier: float) -> float:
+    """The add-or-remove-one noise multiplier a round is accounted at: half the configured one,
+    which bounds the replace-one release of an average over a public number of sites."""
+    return float(noise_multiplier) / 2.0
+
+
+def make_accountant(delta: float, population: int, max_epsilon: float | None = None):
+    """Flower's RDP accountant for site-level DP at ``delta`` over ``population`` sites; with
+    ``max_epsilon`` a round that would exceed it is refused before it is released."""
     try:
         from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
@@ -38,6 +50,7 @@ def make_accountant(delta: float, population: int):
             target_delta=float(delta), population_size=int(population),
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=None if max_epsilon is None else float(max_epsilon),
         ))
     except ImportError:
         raise HlipError('federation.dp needs the privacy accountant: pip install "flwr[dp]"') from None
@@ -84,5 +97,5 @@ def epsilon_after(rounds: int, noise_multiplier: float, delta: float, sites: int
     """The epsilon a run of ``rounds`` private rounds will have spent: for choosing ``z`` ahead."""
     acc = make_accountant(delta, sites)
     if rounds > 0:
-        acc.compose(GaussianPrivacyEvent(noise_multiplier, sites, sites), count=rounds)
+        acc.compose(GaussianPrivacyEvent(accounted_multiplier(noise_multiplier), sites, sites), count=rounds)
     return spent(acc)["epsilon"]
