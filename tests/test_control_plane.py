@@ -67,7 +67,7 @@ class Federation:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.pki = init_pki(root / "certs", "127.0.0.1")
+        self.pki = init_pki(root / "certs", "127.0.0.1", ca_out=root / "ca")
         self.rogue = create_site_key("rogue", root / "rogue")  # never enrolled
         # ServerApps are not executed here ("process" isolation starts none): a run that the
         # operator starts stays pending, which is all these tests need to observe.
@@ -338,7 +338,7 @@ def test_superlink_command_and_environment(tmp_path):
 
 
 def test_control_api_on_a_public_address_is_refused(tmp_path):
-    init_pki(tmp_path / "certs", "127.0.0.1")
+    init_pki(tmp_path / "certs", "127.0.0.1", ca_out=tmp_path / "ca")
     for host in ("0.0.0.0", "10.1.2.3", "::"):
         cfg = SuperLinkConfig(tmp_path / "certs", tmp_path / "state", control_host=host)
         with pytest.raises(HlipError, match="loopback"):
@@ -347,6 +347,56 @@ def test_control_api_on_a_public_address_is_refused(tmp_path):
 
 
 def test_certificate_without_loopback_name_is_refused(tmp_path):
-    init_pki(tmp_path / "certs", "link.example.org", include_loopback=False)
+    init_pki(tmp_path / "certs", "link.example.org", include_loopback=False, ca_out=tmp_path / "ca")
     with pytest.raises(HlipError, match="does not name 127.0.0.1"):
         SuperLinkConfig(tmp_path / "certs", tmp_path / "state").validate()
+
+
+def test_a_certs_folder_holding_the_ca_key_is_refused(tmp_path):
+    """Whoever steals the CA key can issue a server certificate every site trusts: it stays offline."""
+    init_pki(tmp_path / "together", "127.0.0.1")  # CA and server files in one folder
+    with pytest.raises(HlipError, match="ca.key: the CA private key must not sit"):
+        SuperLinkConfig(tmp_path / "together", tmp_path / "state").validate()
+    init_pki(tmp_path / "certs", "127.0.0.1", ca_out=tmp_path / "ca")
+    SuperLinkConfig(tmp_path / "certs", tmp_path / "state").validate()
+    assert not (tmp_path / "certs" / "ca.key").exists() and (tmp_path / "ca" / "ca.key").exists()
+
+
+def test_gateway_refuses_a_request_above_its_size_limit():
+    """Declared (Content-Length) or streamed without one: 413, and nothing reaches the SuperLink."""
+    import asyncio
+
+    from hlip_fed.deploy.fleet_gateway import FleetGateway
+
+    class Upstream:  # stands in for httpx.AsyncClient: reads the body as the real client would
+        sent = 0
+
+        def build_request(self, method, url, headers, content):
+            return content
+
+        async def send(self, content, stream):
+            async for chunk in content:
+                self.sent += len(chunk)
+            raise AssertionError("a body above the limit reached the upstream client in full")
+
+    def call(headers, chunks):
+        gateway = FleetGateway("https://127.0.0.1:1", "ca.crt", max_body_bytes=1000)
+        gateway.client = Upstream()
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        out = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            out.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/fleet/push-object", "headers": headers,
+                 "client": ("10.0.0.7", 5000)}
+        asyncio.run(gateway(scope, receive, send))
+        return out[0]["status"], gateway.client.sent
+
+    assert call([(b"content-length", b"5000")], [b"x" * 5000]) == (413, 0)
+    status, forwarded = call([], [b"x" * 600, b"x" * 600, b"x" * 600])
+    assert status == 413 and forwarded <= 1000
+    assert call([(b"content-length", b"ten")], [b""])[0] == 400

@@ -96,7 +96,7 @@ def _wait(condition, timeout: float, what: str, logs=()) -> None:
 class Deployment:
     def __init__(self, root: Path, consortium: Path) -> None:
         self.root, self.consortium = root, consortium
-        self.pki = init_pki(root / "certs", "127.0.0.1")
+        self.pki = init_pki(root / "certs", "127.0.0.1", ca_out=root / "ca")
         self.state = root / "state"
         self.fleet_port, self.control_port = free_port(), free_port()
         self.fleet = f"127.0.0.1:{self.fleet_port}"

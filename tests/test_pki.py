@@ -204,8 +204,10 @@ def test_inventory_shows_subject_sans_expiry_and_keys(pki, tmp_path):
 
 def test_cli_init_site_list(tmp_path, capsys):
     out = tmp_path / "certs"
-    assert main(["certs", "init", "--out", str(out), "--server-name", "link.example.org",
-                 "--ip", "10.0.0.5", "--days", "10"]) == 0
+    assert main(["certs", "init", "--out", str(out), "--ca-out", str(tmp_path / "ca"),
+                 "--server-name", "link.example.org", "--ip", "10.0.0.5", "--days", "10"]) == 0
+    assert {p.name for p in out.iterdir()} == {"ca.crt", "superlink.crt", "superlink.key"}
+    assert {p.name for p in (tmp_path / "ca").iterdir()} == {"ca.crt", "ca.key"}
     assert main(["certs", "site", "hospital-c", "--out", str(out)]) == 0
     capsys.readouterr()
     # a certificate expiring within 30 days is flagged and makes `list` exit non-zero
@@ -243,6 +245,21 @@ def test_server_cert_is_renewed_from_the_same_ca(tmp_path, capsys):
     assert {"new.example.org", "10.0.0.9", "127.0.0.1"} <= set(subject_alt_names(cert))
     assert "old.example.org" not in subject_alt_names(cert)
     assert mode(paths.server_key) == 0o600
+
+
+def test_server_certs_are_short_lived_and_rotate_from_the_offline_ca(tmp_path, capsys):
+    ca, server = tmp_path / "offline-ca", tmp_path / "server"
+    paths = init_pki(server, "link.example.org", ca_out=ca)
+    first = load_certificate(paths.server_cert)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    assert dt.timedelta(days=89) < lifetime <= dt.timedelta(days=91)  # 90 days by default
+    assert main(["certs", "server", "--ca", str(ca), "--out", str(server), "--server-name", "link.example.org",
+                 "--force"]) == 0
+    renewed = load_certificate(paths.server_cert)
+    assert renewed.serial_number != first.serial_number and not (server / "ca.key").exists()
+    verify_issued_by(renewed, load_certificate(ca / "ca.crt"))
+    assert (server / "ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()  # sites keep the same CA
+    assert "until" in capsys.readouterr().out
 
 
 def test_server_cert_needs_the_ca_key(tmp_path):

@@ -19,17 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
 
     init = sub.add_parser("init", help="create the CA and the SuperLink TLS certificate")
-    _add_name_args(init, "directory for the four files")
+    _add_name_args(init, "folder for the SuperLink host: superlink.crt/.key and a copy of ca.crt")
+    init.add_argument("--ca-out", type=Path, required=True,
+                      help="folder for the CA (ca.key, ca.crt): keep it offline, never on the SuperLink host")
     init.add_argument("--ca-days", type=int, default=3650, help="CA validity (default 3650)")
-    init.add_argument("--days", type=int, default=825,
-                      help="SuperLink certificate validity (default 825)")
+    init.add_argument("--days", type=int, default=90,
+                      help="SuperLink certificate validity (default 90; rotate with `certs server`)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(func=_init)
 
     server = sub.add_parser("server", help="issue a new SuperLink certificate from the existing "
                                            "CA (renewal or new address; sites keep ca.crt)")
-    _add_name_args(server, "directory holding ca.crt and ca.key")
-    server.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    _add_name_args(server, "folder for the new superlink.crt/.key (and ca.crt)")
+    server.add_argument("--ca", type=Path, help="the CA folder holding ca.crt and ca.key (default: --out)")
+    server.add_argument("--days", type=int, default=90, help="validity (default 90)")
     server.add_argument("--force", action="store_true",
                         help="replace the existing superlink.crt/superlink.key")
     server.set_defaults(func=_server)
@@ -64,7 +67,7 @@ def _server(args: argparse.Namespace) -> int:
 
     paths = reissue_server_cert(args.out, args.server_name, [*args.dns, *args.ip],
                                 include_loopback=not args.no_loopback, server_days=args.days,
-                                force=args.force)
+                                force=args.force, ca_dir=args.ca)
     cert = load_certificate(paths.server_cert)
     print(f"SuperLink: {paths.server_cert}  (key {paths.server_key}), signed by {paths.ca_cert}")
     print(f"           valid for {', '.join(subject_alt_names(cert))} "
@@ -77,11 +80,12 @@ def _init(args: argparse.Namespace) -> int:
 
     paths = init_pki(args.out, args.server_name, [*args.dns, *args.ip],
                      include_loopback=not args.no_loopback, ca_days=args.ca_days,
-                     server_days=args.days, force=args.force)
-    sans = subject_alt_names(load_certificate(paths.server_cert))
-    print(f"CA:        {paths.ca_cert}  (key {paths.ca_key}, keep with the operator)")
-    print(f"SuperLink: {paths.server_cert}  (key {paths.server_key})")
-    print(f"           valid for {', '.join(sans)}")
+                     server_days=args.days, force=args.force, ca_out=args.ca_out)
+    cert = load_certificate(paths.server_cert)
+    print(f"CA:        {args.ca_out / 'ca.crt'}  (key {args.ca_out / 'ca.key'}: keep offline with the operator)")
+    print(f"SuperLink: {paths.server_cert}  (key {paths.server_key}; copy {paths.directory} to the server)")
+    print(f"           valid for {', '.join(subject_alt_names(cert))} until {cert.not_valid_after_utc:%Y-%m-%d}; "
+          f"renew with `hlip-fed certs server --ca {args.ca_out} --out {paths.directory} --force`")
     print(f"Give {paths.ca_cert.name} to every site.")
     return 0
 

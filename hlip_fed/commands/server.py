@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=9092, help="site-facing port (default 9092)")
     p.add_argument("--control-port", type=int, default=9093,
                    help="loopback port of the SuperLink itself (default 9093)")
+    p.add_argument("--max-request-mb", type=int, default=1024,
+                   help="the gateway refuses larger requests from sites (default 1024)")
     p.set_defaults(func=_start)
 
     p = sub.add_parser("stop", help="stop the server started with this state folder")
@@ -43,7 +45,7 @@ def _start(args: argparse.Namespace) -> int:
     from hlip_fed.deploy.superlink import OPERATOR_HOME, SuperLinkConfig, SuperLinkDeployment
 
     cfg = SuperLinkConfig(args.certs, args.state, fleet_host=args.host, fleet_port=args.port,
-                          control_port=args.control_port)
+                          control_port=args.control_port, max_request_mb=args.max_request_mb)
 
     def ready(deployment: SuperLinkDeployment) -> None:
         home = Path(args.state) / OPERATOR_HOME

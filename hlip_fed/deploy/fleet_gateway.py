@@ -7,7 +7,7 @@ hospitals would let anyone holding the (public) CA certificate enrol a key or st
 code then executes at every site. So the SuperLink listens on loopback only, and this gateway,
 bound to the site-facing interface with the same server certificate, relays exactly the Fleet
 routes below (``POST`` only) to it; every other request is answered ``403`` here and never
-reaches Flower.
+reaches Flower, and a body larger than ``--max-request-mb`` (declared or streamed) ``413``.
 
 Protocol facts this relies on (checked against Flower 1.42's ``FleetHttpClient``): SuperNodes
 speak protobuf over HTTP/1.1, one ``POST /v1/fleet/<route>`` per call, and authenticate with
@@ -60,10 +60,11 @@ def is_allowed(method: str, path: str) -> bool:
 class FleetGateway:
     """ASGI application relaying allowed requests to the SuperLink over TLS."""
 
-    def __init__(self, upstream: str, ca_file: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, upstream: str, ca_file: str, timeout_s: float = 300.0, max_body_bytes: int = 1 << 30) -> None:
         self.upstream = upstream.rstrip("/")
         self.ca_file = ca_file
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
         self.client: Any = None  # httpx.AsyncClient, created in the server's event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,12 +104,26 @@ class FleetGateway:
             return
         import httpx
 
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit():
+            await _plain(send, 400, b"bad content-length\n")
+            return
+        if int(declared) > self.max_body_bytes:
+            log.warning("refused %s from %s: body of %s bytes, limit %d", path, client[0],
+                        declared.decode("latin-1"), self.max_body_bytes)
+            await _plain(send, 413, b"request too large\n")
+            return
         headers = [(k, v) for k, v in scope["headers"]
                    if k.decode("latin-1").lower() not in HOP_BY_HOP]
         url = self.upstream + path  # no query string: the Fleet API takes none, so none passes
-        request = self.client.build_request(method, url, headers=headers, content=_body(receive))
+        body = _body(receive, self.max_body_bytes)
+        request = self.client.build_request(method, url, headers=headers, content=body)
         try:
             response = await self.client.send(request, stream=True)
+        except TooLarge:
+            log.warning("refused %s from %s: body above the limit of %d bytes", path, client[0], self.max_body_bytes)
+            await _plain(send, 413, b"request too large\n")
+            return
         except httpx.HTTPError as exc:
             log.error("upstream %s unavailable for %s: %s", self.upstream, path, exc)
             await _plain(send, 502, b"SuperLink unavailable\n")
@@ -127,13 +142,22 @@ class FleetGateway:
             await response.aclose()
 
 
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    """Stream the request body through (model updates can be large; never buffer them whole)."""
+class TooLarge(Exception):
+    """A streamed request body went past the gateway's limit."""
+
+
+async def _body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    """Stream the request body through (model updates can be large; never buffer them whole),
+    stopping with :class:`TooLarge` past ``limit`` bytes whatever its Content-Length said."""
+    seen = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
         chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise TooLarge()
         if chunk:
             yield chunk
         if not message.get("more_body", False):
@@ -156,7 +180,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def serve(listen: str, upstream: str, certfile: str, keyfile: str, ca_file: str,
-          log_level: str = "info") -> None:
+          log_level: str = "info", max_request_mb: int = 1024) -> None:
     """Serve the gateway with TLS until interrupted (blocking)."""
     import uvicorn
 
@@ -168,7 +192,7 @@ def serve(listen: str, upstream: str, certfile: str, keyfile: str, ca_file: str,
     # uvicorn's access log already records each call; httpx would log it a second time.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = uvicorn.Config(
-        FleetGateway(f"https://{up}", ca_file), host=host, port=port,
+        FleetGateway(f"https://{up}", ca_file, max_body_bytes=max_request_mb << 20), host=host, port=port,
         ssl_certfile=certfile, ssl_keyfile=keyfile, lifespan="on", log_level=log_level,
         server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
     )
@@ -184,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keyfile", required=True, help="its private key")
     parser.add_argument("--ca-file", required=True, help="CA that signed the SuperLink certificate")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--max-request-mb", type=int, default=1024, help="refuse larger requests (413)")
     args = parser.parse_args(argv)
-    serve(args.listen, args.upstream, args.certfile, args.keyfile, args.ca_file, args.log_level)
+    serve(args.listen, args.upstream, args.certfile, args.keyfile, args.ca_file, args.log_level, args.max_request_mb)
     return 0
 
 

@@ -84,6 +84,7 @@ class SuperLinkConfig:
     control_host: str = "127.0.0.1"
     control_port: int = CONTROL_PORT
     isolation: str = "subprocess"  # "process" when ServerApps are started separately
+    max_request_mb: int = 1024  # the gateway refuses larger requests (a ViT-B update is ~350 MB in fp32)
 
     @property
     def pki(self) -> PkiPaths:
@@ -113,7 +114,12 @@ class SuperLinkConfig:
                             "Flower does not authenticate it")
         if self.fleet_port == self.control_port:
             raise HlipError(f"the fleet and control ports must differ (both {self.fleet_port})")
-        # The CA key is not needed here and should not be on the SuperLink host at all.
+        # The CA key is not needed here and must not be on the SuperLink host at all: whoever
+        # steals it can issue a server certificate every site trusts.
+        if self.pki.ca_key.exists():
+            raise HlipError(f"{self.pki.ca_key}: the CA private key must not sit in the folder the SuperLink "
+                            "serves from; keep it offline (hlip-fed certs init --ca-out) and copy only ca.crt, "
+                            "superlink.crt and superlink.key to the server")
         for path in (self.pki.ca_cert, self.pki.server_cert, self.pki.server_key):
             if not path.is_file():
                 raise HlipError(f"{path} missing; create it with `hlip-fed certs init`")
@@ -156,6 +162,7 @@ def gateway_command(cfg: SuperLinkConfig) -> list[str]:
         "--certfile", str(pki.server_cert),
         "--keyfile", str(pki.server_key),
         "--ca-file", str(pki.ca_cert),
+        "--max-request-mb", str(cfg.max_request_mb),
     ]
 
 

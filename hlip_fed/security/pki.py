@@ -5,14 +5,20 @@ public CAs, so the SuperLink can run on any host name or bare IP the consortium 
 server certificate must list every name and address sites (and the operator, on loopback) dial,
 because TLS clients check the subject alternative names, not the common name.
 
-Files written by :func:`init_pki` into one directory:
+Files written by :func:`init_pki`:
 
-==================  ======  =========================================================
-``ca.crt``          0644    CA certificate, handed to every site and the operator
-``ca.key``          0600    CA private key, stays with the consortium operator (offline ideally)
-``superlink.crt``   0644    SuperLink TLS certificate, signed by the CA
+==================  ======  ==========================================================
+``ca.crt``          0644    CA certificate, handed to every site and the operator (both folders)
+``ca.key``          0600    CA private key, in the CA folder: kept offline by the operator, never
+                            on the SuperLink host (``hlip-fed server start`` refuses a certificate
+                            folder that holds it)
+``superlink.crt``   0644    SuperLink TLS certificate, signed by the CA, valid 90 days by default
 ``superlink.key``   0600    SuperLink TLS private key, on the SuperLink host only
-==================  ======  =========================================================
+==================  ======  ==========================================================
+
+A stolen server key is useful only until its certificate expires, so server certificates are
+short-lived and rotated with :func:`reissue_server_cert` from the offline CA folder; sites keep
+trusting the same ``ca.crt``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ LOOPBACK_DNS = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1", "::1")
 
 CA_DAYS = 3650
-SERVER_DAYS = 825  # the longest server-certificate lifetime common TLS clients still accept
+SERVER_DAYS = 90  # short-lived: a stolen server key stops working soon; rotate with reissue_server_cert
 
 
 @dataclass(frozen=True)
@@ -194,20 +200,26 @@ def init_pki(
     ca_days: int = CA_DAYS,
     server_days: int = SERVER_DAYS,
     force: bool = False,
+    ca_out: Path | None = None,
 ) -> PkiPaths:
-    """Create ``ca.crt/ca.key`` and ``superlink.crt/superlink.key`` in ``out``.
+    """Create the CA (``ca.crt``, ``ca.key``) in ``ca_out`` and ``superlink.crt/superlink.key``
+    plus a copy of ``ca.crt`` in ``out``; without ``ca_out`` everything goes to ``out`` (a folder
+    the SuperLink then refuses to serve from until ``ca.key`` is moved away).
 
-    All four targets are checked before anything is written, so a refused run leaves no
+    Every target is checked before anything is written, so a refused run leaves no
     half-initialised directory behind.
     """
-    paths = PkiPaths(Path(out))
-    check_writable(paths.all(), force)
+    paths, ca_paths = PkiPaths(Path(out)), PkiPaths(Path(ca_out or out))
+    targets = [paths.ca_cert, paths.server_cert, paths.server_key, ca_paths.ca_cert, ca_paths.ca_key]
+    check_writable(list(dict.fromkeys(targets)), force)
     ca_key, ca_cert = create_ca(days=ca_days)
     key, cert = issue_server_cert(ca_key, ca_cert, server_name, extra_names, include_loopback,
                                   server_days)
-    paths.directory.mkdir(parents=True, exist_ok=True)
-    write_secret(paths.ca_key, _pem_key(ca_key), force)
-    write_public(paths.ca_cert, _pem_cert(ca_cert), force)
+    for folder in {paths.directory, ca_paths.directory}:
+        folder.mkdir(parents=True, exist_ok=True)
+    write_secret(ca_paths.ca_key, _pem_key(ca_key), force)
+    for target in {paths.ca_cert, ca_paths.ca_cert}:
+        write_public(target, _pem_cert(ca_cert), force)
     write_secret(paths.server_key, _pem_key(key), force)
     write_public(paths.server_cert, _pem_cert(cert), force)
     return paths
@@ -220,27 +232,32 @@ def reissue_server_cert(
     include_loopback: bool = True,
     server_days: int = SERVER_DAYS,
     force: bool = False,
+    ca_dir: Path | None = None,
 ) -> PkiPaths:
-    """Issue a new SuperLink certificate from the CA already in ``out`` (renewal, new address).
+    """Issue a new SuperLink certificate into ``out`` from the CA in ``ca_dir`` (default ``out``):
+    rotation before expiry, or a new address.
 
     Sites keep trusting the same ``ca.crt``, so nothing has to be redistributed, unlike
     re-running :func:`init_pki` with ``force``, which replaces the CA itself.
     """
-    paths = PkiPaths(Path(out))
-    for required in (paths.ca_cert, paths.ca_key):
+    paths, ca_paths = PkiPaths(Path(out)), PkiPaths(Path(ca_dir or out))
+    for required in (ca_paths.ca_cert, ca_paths.ca_key):
         if not required.is_file():
             raise HlipError(f"{required} missing; create the CA with `hlip-fed certs init`")
     check_writable([paths.server_cert, paths.server_key], force)
-    ca_cert = load_certificate(paths.ca_cert)
+    ca_cert = load_certificate(ca_paths.ca_cert)
     try:
-        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        ca_key = serialization.load_pem_private_key(ca_paths.ca_key.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise HlipError(f"{paths.ca_key}: not an unencrypted PEM private key ({exc})") from exc
+        raise HlipError(f"{ca_paths.ca_key}: not an unencrypted PEM private key ({exc})") from exc
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
             ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers():
-        raise HlipError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
+        raise HlipError(f"{ca_paths.ca_key} does not belong to {ca_paths.ca_cert}")
     key, cert = issue_server_cert(ca_key, ca_cert, server_name, extra_names, include_loopback,
                                   server_days)
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    if paths.ca_cert != ca_paths.ca_cert:
+        write_public(paths.ca_cert, _pem_cert(ca_cert), True)  # the SuperLink's copy of the same CA
     write_secret(paths.server_key, _pem_key(key), force)
     write_public(paths.server_cert, _pem_cert(cert), force)
     return paths
