@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from hlip_fed.deploy.fault_injection import ENV_SWITCH
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.audit import payload_sha256, read_audit
+from hlip_fed.federation.local import _SITES
 from hlip_fed.federation.params import federated_keys
 from hlip_fed.federation.run import config_from_run
 from hlip_fed.model import create_model
@@ -68,9 +69,11 @@ def test_test_faults_need_the_environment_switch(mini_consortium, tmp_path, monk
 
     monkeypatch.delenv(ENV_SWITCH, raising=False)
     arrays, context, state = _setup(mini_consortium, tmp_path, misbehave="scale")
-    with pytest.raises(HlipError, match=ENV_SWITCH):  # Flower's runtime turns it into an error reply
-        client_app(train_message(arrays, server_round=1), context)
-    assert ENV_SWITCH in read_audit(state)[-1]["error"]  # the error text that left is audited too
+    refused = client_app(train_message(arrays, server_round=1), context)
+    assert refused.has_error() and "[site-refused]" in refused.error.reason
+    assert ENV_SWITCH not in refused.error.reason  # the site's details do not leave it ...
+    entry = read_audit(state)[-1]
+    assert entry["error"] == refused.error.reason and ENV_SWITCH in entry["detail"]  # ... they are audited
 
     monkeypatch.setenv(ENV_SWITCH, "1")
     arrays, context, state = _setup(mini_consortium, tmp_path / "on", misbehave="cycle")
@@ -88,3 +91,26 @@ def test_unknown_fault_mode_is_refused(monkeypatch):
     assert [requested_fault({"misbehave": "cycle"}, r) for r in (1, 2, 3, 4)] == ["nan", "scale", "missing", "nan"]
     with pytest.raises(HlipError, match="not one of"):
         requested_fault({"misbehave": "boom"}, 1)
+
+
+@pytest.mark.parametrize("bad", ["system file as config", "environment interpolation"])
+def test_a_refused_run_config_answers_with_a_code_and_keeps_the_sites_details(mini_consortium, tmp_path,
+                                                                               monkeypatch, bad):
+    """The error text used to travel back: a system file named as ``config`` quoted its first
+    lines, an interpolated override the site's environment."""
+    from client.app import app as client_app
+
+    monkeypatch.setenv("HLIP_TEST_SECRET", "s3cr3t-value")
+    arrays, context, state = _setup(mini_consortium, tmp_path)
+    secret_file = tmp_path / "accounts"
+    secret_file.write_text("root:x:0:0:root:/root:/bin/bash\nhospital-admin:x:1000:1000::/home/admin:/bin/sh\n")
+    if bad == "system file as config":
+        context.run_config["config"], leak = str(secret_file), "root:x:0"
+    else:
+        context.run_config["overrides"] = "federation.transport=${oc.env:HLIP_TEST_SECRET}"
+        leak = "s3cr3t-value"
+    _SITES.clear()  # a fresh site process: it reads the run config anew
+    reply = client_app(train_message(arrays, server_round=1), context)
+    assert reply.has_error() and reply.error.reason.startswith("hlip-fed site error [config-refused]")
+    assert leak not in reply.error.reason and str(tmp_path) not in reply.error.reason
+    assert leak in read_audit(state)[-1]["detail"]  # the site keeps what went wrong

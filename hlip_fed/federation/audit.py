@@ -44,8 +44,9 @@ def record_kinds(content: RecordDict) -> dict[str, str]:
 
 
 def audit_entry(message_type: str, run_id: int, server_round: int | None, content: RecordDict | None,
-                error: str | None = None) -> dict:
-    """The audit line for one outgoing reply (``content`` None for an error reply)."""
+                error: str | None = None, detail: str | None = None) -> dict:
+    """The audit line for one outgoing reply (``content`` None for an error reply: ``error`` is
+    what left the site, ``detail`` what stayed in it)."""
     entry: dict = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
         "run": int(run_id),
@@ -54,6 +55,8 @@ def audit_entry(message_type: str, run_id: int, server_round: int | None, conten
     }
     if error is not None:
         entry["error"] = error
+        if detail is not None:
+            entry["detail"] = detail
         return entry
     assert content is not None
     entry["records"] = record_kinds(content)
