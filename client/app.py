@@ -21,17 +21,25 @@ from hlip_fed.config import ConfigError
 from hlip_fed.data.errors import DataError
 from hlip_fed.deploy.fault_injection import inject, requested_fault
 from hlip_fed.errors import HlipError
+from hlip_fed.federation.admission import admit
 from hlip_fed.federation.audit import append_audit, audit_entry
 from hlip_fed.federation.local import local_site
 from hlip_fed.federation.run import Site, config_from_run, prompts_from_config, resolve_site
 from hlip_fed.federation.transport import encode_arrays, to_array_record
+from hlip_fed.security.policy import PolicyRefusal
 
 app = ClientApp()
 log = logging.getLogger("hlip_fed.site")
 
 
+class SiteError(Exception):
+    """A failure as it may leave the site: its error code, no detail."""
+
+
 def error_code(exc: BaseException) -> str:
     """What the server learns of a site's failure: its kind, nothing of the site."""
+    if isinstance(exc, PolicyRefusal):
+        return "policy-refused"
     if isinstance(exc, ConfigError):
         return "config-refused"
     if isinstance(exc, DataError):
@@ -68,9 +76,10 @@ def train(msg: Message, context: Context) -> Message:
     site = _site(context)
 
     def content(server_round: int) -> RecordDict:
+        config = msg.content["config"]
+        admit("train", context.run_id, site, dict(context.node_config), dict(context.run_config), dict(config))
         fault = requested_fault(dict(context.node_config), server_round)  # test-only; see its module
         local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
-        config = msg.content["config"]
         received = msg.content["arrays"].to_torch_state_dict()
         arrays, metrics = local.train_round(
             received, server_round=server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -90,8 +99,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
 
     def content(server_round: int | None) -> RecordDict:
+        config = dict(msg.content["config"])
+        admit("evaluate", context.run_id, site, dict(context.node_config), dict(context.run_config), config)
         local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
-        prompts = prompts_from_config(dict(msg.content["config"]))
+        prompts = prompts_from_config(config)
         metrics = local.evaluate(msg.content["arrays"].to_torch_state_dict(), prompts)
         return RecordDict({"metrics": MetricRecord(metrics)})
 

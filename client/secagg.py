@@ -24,7 +24,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.app import _site
+from client.app import SiteError, _site, error_code
+from hlip_fed.federation.admission import admit
 from hlip_fed.federation.audit import append_audit, audit_entry
 from hlip_fed.federation.local import local_site
 from hlip_fed.federation.run import config_from_run
@@ -38,6 +39,8 @@ def train(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round = int(fitins.config["server-round"])
     try:
+        admit("train", context.run_id, site, dict(context.node_config), dict(context.run_config),
+              dict(fitins.config), secure_aggregation=True)
         local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
         shapes = {k: v.shape for k, v in local.model.state_dict().items()}
         received = {k: torch.from_numpy(np.array(v, dtype=np.float32).reshape(shapes[k]))
@@ -48,9 +51,12 @@ def train(msg: Message, context: Context) -> Message:
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), int(metrics["num-examples"]),
                         dict(metrics))
         content = compat.fitres_to_recorddict(fitres, keep_input=False)
-    except Exception as exc:
-        append_audit(site.state_dir, audit_entry("train", context.run_id, server_round, None,
-                                                 error=f"{type(exc).__name__}: {exc}"))
-        raise
+    except Exception as exc:  # noqa: BLE001 - leaves with its code alone, as in client.app
+        reason = f"hlip-fed site error [{error_code(exc)}]; the site's log has the details"
+        append_audit(site.state_dir, audit_entry("train", context.run_id, server_round, None, error=reason,
+                                                 detail=f"{type(exc).__name__}: {exc}"))
+        # Flower's SecAgg+ mod reads the reply's content, so an error reply would fail inside it:
+        # raise instead, with nothing but the code for the runtime to send.
+        raise SiteError(reason) from None
     append_audit(site.state_dir, audit_entry("train", context.run_id, server_round, content))
     return Message(content=content, reply_to=msg)

@@ -143,6 +143,11 @@ class Deployment:
 
     def start_node(self, name: str, key=None, faults: bool = False, **node_config) -> ManagedProcess:
         key = key or self.keys[name]
+        # These sites agree to the test's tiny settings (2 studies x 2 steps, a random text tower),
+        # which the default site policy refuses (tests/test_site_policy.py).
+        state = self.root / "site-state" / name
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "policy.yaml").write_text("allow: ['*']\ndeny: []\nbounds: {}\n")
         argv = [*HLIP, "site", "start", "--superlink", self.fleet, "--ca", str(self.pki.ca_cert),
                 "--key", str(key.private), "--data", str(self.consortium / "sites" / name),
                 "--state", str(self.root / "site-state" / name), "--name", name,

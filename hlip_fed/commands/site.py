@@ -1,8 +1,9 @@
 """``hlip-fed site``: a hospital's site folder, its enrolment, and its SuperNode.
 
 ``index`` and ``check`` work on the site folder (layout in ``docs/site-layout.md``); ``start``
-runs at the hospital (``check`` first, then ``flower-supernode``); ``enroll``, ``revoke`` and
-``list`` run at the consortium operator, on the SuperLink host (``docs/deployment.md``).
+runs at the hospital (``check`` first, then ``flower-supernode``), and ``policy check`` shows what
+the site's policy would refuse; ``enroll``, ``revoke`` and ``list`` run at the consortium operator,
+on the SuperLink host (``docs/deployment.md``).
 Subcommands are added by small ``_add_<name>(sub)`` functions.
 """
 
@@ -22,6 +23,56 @@ def register(subparsers) -> None:
     _add_enroll(sub)
     _add_revoke(sub)
     _add_list(sub)
+    _add_policy(sub)
+
+
+def _add_policy(sub) -> None:
+    p = sub.add_parser("policy", help="the site's policy: what the server may ask of this site")
+    actions = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="what the site would refuse in a run config (exit 1 if anything)")
+    check.add_argument("--state", type=Path, required=True, help="the site's state folder (holds policy.yaml)")
+    check.add_argument("--policy", type=Path, help="a policy file instead of STATE/policy.yaml")
+    check.add_argument("--run-config", required=True,
+                       help="as for flwr run, e.g. \"config='demo' overrides='federation.rounds=5'\"")
+    check.set_defaults(func=_policy_check)
+    show = actions.add_parser("show", help="print the policy in force (the default when there is none)")
+    show.add_argument("--state", type=Path, required=True)
+    show.add_argument("--policy", type=Path)
+    show.set_defaults(func=_policy_show)
+
+
+def _parse_run_config(text: str) -> dict[str, str]:
+    """``key='value' key2="v w"`` (flwr run's --run-config) as a dict of strings."""
+    import shlex
+
+    from hlip_fed.errors import HlipError
+
+    out = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HlipError(f"--run-config: {item!r} is not KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from hlip_fed.security.policy import check_run_config, site_policy
+
+    policy = site_policy(args.state, str(args.policy) if args.policy else None, deployed=True)
+    refused = check_run_config(_parse_run_config(args.run_config), policy)
+    for reason in refused:
+        print(f"refused: {reason}")
+    if not refused:
+        print("the site's policy allows this run config")
+    return 1 if refused else 0
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    from hlip_fed.security.policy import policy_yaml, site_policy
+
+    print(policy_yaml(site_policy(args.state, str(args.policy) if args.policy else None, deployed=True)), end="")
+    return 0
 
 
 def _add_start(sub) -> None:
@@ -39,6 +90,8 @@ def _add_start(sub) -> None:
     p.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a further node-config entry (repeatable)")
     p.add_argument("--skip-check", action="store_true", help="do not read every scan first")
+    p.add_argument("--policy", type=Path,
+                   help="the site's policy file (default STATE/policy.yaml, else the safe default)")
     p.set_defaults(func=_start)
 
 
@@ -141,6 +194,11 @@ def _start(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise HlipError(f"--node-config {item!r} is not KEY=VALUE")
         extra[key] = value.strip("\"'")
+    if args.policy is not None:
+        from hlip_fed.security.policy import load_policy
+
+        load_policy(args.policy)  # a broken policy stops the start, not the first round
+        extra["policy-path"] = str(args.policy.resolve())
     cfg = SuperNodeConfig(args.superlink, args.ca, args.key, args.data, args.state, args.name,
                           args.truth, args.runtime_port, extra)
     cfg.validate()
