@@ -1,6 +1,6 @@
 """Does federation work? Pooled vs local-only vs FedAvg vs FedProx (and leave-one-site-out).
 
-    python -m simulations.compare --data DIR --out OUT [--config demo] [--seeds 3] [--overrides "..."]
+    python -m simulations.compare --data DIR --out OUT [--preset benchmark] [--config learning] [--seeds 3] [--overrides "..."]
 
 All methods get the same compute: batch size ``train.batch_size`` and a budget of
 ``T = federation.rounds * federation.local_steps * n_sites`` optimizer steps in total.
@@ -310,12 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--config", default="demo", help="run preset or YAML (as for flwr run)")
+    parser.add_argument("--config", default=None,
+                        help="run preset or YAML (as for flwr run; default: learning for --preset benchmark, else demo)")
     parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
     args = parser.parse_args(argv)
+    if args.config is None:
+        args.config = "learning" if args.preset == "benchmark" else "demo"
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     data, out = args.data.resolve(), args.out.resolve()
     if not (data / "sites").is_dir():
