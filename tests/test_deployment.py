@@ -5,7 +5,9 @@ three sites (``hlip-fed site start``) of a small phantom consortium (the demo pr
 sites, real reports), enrolled with ``hlip-fed site enroll``. The first site is honest,
 the second is killed with SIGKILL mid-round and restarted, the third misbehaves through its node config
 (NaN, 1000x update, missing key in rounds 1, 2, 3). The SuperLink is killed after round 2 and
-restarted; a new run with the same run folder resumes at round 3. Every daemon is started with
+restarted; a new run with the same run folder resumes at round 3. The sites run the app version
+their operators approved (``hlip-fed site approve``); the same app with one line changed is refused
+before any of its code runs. Every daemon is started with
 HTTP(S) proxies pointing at a local trap, so any telemetry or other outbound request would be
 seen. The tests share the daemons and run in file order; every process is stopped by PID at the
 end, also when a test fails.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +31,8 @@ import httpx
 import pytest
 
 from conftest import FAST_RUN
+from client.site_exec import NOT_APPROVED
+from hlip_fed.deploy.app_bundle import build_app
 from hlip_fed.deploy.enrolment import Enrolment
 from hlip_fed.deploy.flwr_cli import FlwrCli, operator_cli, write_connection
 from hlip_fed.deploy.processes import (
@@ -44,6 +49,7 @@ from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.params import federated_keys
 from hlip_fed.federation.run import config_from_run
 from hlip_fed.model import create_model
+from hlip_fed.security.approvals import approve
 from hlip_fed.security.pki import init_pki
 from hlip_fed.security.site_keys import create_site_key
 
@@ -113,6 +119,7 @@ class Deployment:
         self.procs: list[ManagedProcess] = []
         self.seen: set[tuple[int, str]] = set()  # every daemon PID (with start time) ever seen
         self.servers = 0
+        self.app_hash = build_app(ROOT, root / "fab")[1]  # the bundle flwr run sends from this checkout
 
     # -- processes -------------------------------------------------------------------------------
     def cli(self, *args: str) -> subprocess.CompletedProcess:
@@ -148,6 +155,7 @@ class Deployment:
         state = self.root / "site-state" / name
         state.mkdir(parents=True, exist_ok=True)
         (state / "policy.yaml").write_text("allow: ['*']\ndeny: []\nbounds: {}\n")
+        approve(state, self.app_hash)
         argv = [*HLIP, "site", "start", "--superlink", self.fleet, "--ca", str(self.pki.ca_cert),
                 "--key", str(key.private), "--data", str(self.consortium / "sites" / name),
                 "--state", str(self.root / "site-state" / name), "--name", name,
@@ -186,9 +194,9 @@ class Deployment:
         path = self.run_dir / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def run_config(self) -> str:
+    def run_config(self, run_dir: Path | None = None) -> str:
         overrides = " ".join(shlex.quote(o) for o in OVERRIDES)
-        return (f"data-root='{self.consortium}' run-dir='{self.run_dir}' config='' "
+        return (f"data-root='{self.consortium}' run-dir='{run_dir or self.run_dir}' config='' "
                 f"overrides=\"{overrides}\"")
 
     def logs(self) -> list[Path]:
@@ -345,3 +353,33 @@ def test_revoked_site_is_refused_at_its_next_attempt(dep):
     listing = dep.cli("site", "list", "--state", dep.state, "--json")
     rows = {row["name"]: row for row in json.loads(listing.stdout)}
     assert rows[HONEST]["revoked_at"] and rows[HONEST]["status"] == "unregistered"
+
+
+def test_a_changed_app_is_refused_before_any_of_its_code_runs(dep, tmp_path):
+    """One line added to client/app.py: a new FAB hash, which no site approved. The line is a
+    canary that would write a file when the module is imported."""
+    app = tmp_path / "hlip-fed"
+    app.mkdir()
+    (app / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    for package in ("hlip_fed", "server", "client"):
+        shutil.copytree(ROOT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    canary = tmp_path / "canary"
+    with open(app / "client" / "app.py", "a") as fh:
+        fh.write(f"\nimport pathlib; pathlib.Path({str(canary)!r}).write_text('ran')\n")
+    changed = build_app(app, tmp_path / "fab")[1]
+    assert changed != dep.app_hash
+    enrolled = Enrolment(dep.state, dep.operator)
+    sites = [n for n in (HONEST, KILLED, BAD) if enrolled.active(n) and dep.status(n) == "online"]
+    assert sites
+    before = {n: len(read_audit(dep.root / "site-state" / n)) for n in sites}
+    run_dir = tmp_path / "run"
+    dep.operator.start_run(app, dep.run_config(run_dir))
+    _wait(lambda: (run_dir / "metrics.jsonl").exists(), 400, "the refused round", dep.logs())
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert not record["train_sites"]
+    reasons = {r["node"]: r["reason"] for r in record["rejected"]}
+    for name in sites:
+        assert NOT_APPROVED in reasons[dep.node_id(name)]
+        refusals = read_audit(dep.root / "site-state" / name)[before[name]:]
+        assert refusals and all(e["error"] == NOT_APPROVED and changed in e["detail"] for e in refusals)
+    assert not canary.exists()

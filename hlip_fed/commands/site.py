@@ -1,8 +1,9 @@
 """``hlip-fed site``: a hospital's site folder, its enrolment, and its SuperNode.
 
 ``index`` and ``check`` work on the site folder (layout in ``docs/site-layout.md``); ``start``
-runs at the hospital (``check`` first, then ``flower-supernode``), and ``policy check`` shows what
-the site's policy would refuse; ``enroll``, ``revoke`` and ``list`` run at the consortium operator,
+runs at the hospital (``check`` first, then ``flower-supernode`` and the site's launcher, which
+runs approved app versions only: ``approve``, ``approvals``, ``disapprove``), and ``policy check``
+shows what the site's policy would refuse; ``enroll``, ``revoke`` and ``list`` run at the consortium operator,
 on the SuperLink host (``docs/deployment.md``).
 Subcommands are added by small ``_add_<name>(sub)`` functions.
 """
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     _add_revoke(sub)
     _add_list(sub)
     _add_policy(sub)
+    _add_approvals(sub)
 
 
 def _add_policy(sub) -> None:
@@ -39,6 +41,43 @@ def _add_policy(sub) -> None:
     show.add_argument("--state", type=Path, required=True)
     show.add_argument("--policy", type=Path)
     show.set_defaults(func=_policy_show)
+
+
+def _add_approvals(sub) -> None:
+    for name, help_text, func in (("approve", "approve an app version (its FAB's SHA-256, or the .fab)", _approve),
+                                  ("disapprove", "withdraw an app version's approval", _disapprove)):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--state", type=Path, required=True, help="the site's state folder (as for site start)")
+        p.add_argument("app", metavar="HASH_OR_FAB", help="hlip-fed app build prints both")
+        p.set_defaults(func=func)
+    p = sub.add_parser("approvals", help="the app versions this site runs")
+    p.add_argument("--state", type=Path, required=True)
+    p.set_defaults(func=_approvals)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from hlip_fed.security.approvals import approve
+
+    print(f"approved {approve(args.state, args.app)}")
+    return 0
+
+
+def _disapprove(args: argparse.Namespace) -> int:
+    from hlip_fed.security.approvals import disapprove
+
+    print(f"no longer approved {disapprove(args.state, args.app)}")
+    return 0
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    from hlip_fed.security.approvals import read_approvals
+
+    approvals = read_approvals(args.state)
+    for fab_hash, entry in sorted(approvals.items(), key=lambda item: item[1].get("approved", "")):
+        print(f"{fab_hash}  approved {entry.get('approved', '?')}  from {entry.get('from', '?')}")
+    if not approvals:
+        print("no app version is approved: this site runs nothing (hlip-fed site approve)")
+    return 0
 
 
 def _parse_run_config(text: str) -> dict[str, str]:
@@ -185,7 +224,7 @@ def _start(args: argparse.Namespace) -> int:
     import sys
 
     from hlip_fed.deploy.flower_env import flower_env
-    from hlip_fed.deploy.supernode import SuperNodeConfig, supernode_command
+    from hlip_fed.deploy.supernode import SuperNodeConfig, site_command
     from hlip_fed.errors import HlipError
 
     extra = {}
@@ -207,11 +246,13 @@ def _start(args: argparse.Namespace) -> int:
         if _check(check) != 0:
             raise HlipError(f"{args.data}: no usable study; fix the problems above first")
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = supernode_command(cfg)
+    argv = site_command(cfg, sys.executable)
     print(f"site {cfg.site_name}: starting flower-supernode -> {cfg.superlink} "
-          f"(state {cfg.state_dir}, audit log {cfg.state_dir / 'audit.jsonl'})", flush=True)
+          f"(state {cfg.state_dir}, audit log {cfg.state_dir / 'audit.jsonl'}, "
+          f"approved apps {cfg.state_dir / 'approved-apps.json'})", flush=True)
     sys.stdout.flush()
-    # Replace this process: the service manager and `kill` see flower-supernode itself.
+    # Replace this process: the service manager and `kill` see the site's launcher, whose child
+    # is flower-supernode.
     os.execve(argv[0], argv, flower_env(flwr_home=cfg.state_dir / "flwr-home"))
     return 0  # not reached
 

@@ -11,12 +11,13 @@ and :func:`~hlip_fed.deploy.flower_env.flower_env` turns off telemetry and updat
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_fed.deploy.superlink import flower_executable
 from hlip_fed.errors import HlipError
-from hlip_fed.security.files import check_private_mode
+from hlip_fed.security.files import check_private_mode, write_secret
 from hlip_fed.security.pki import days_left, load_certificate
 from hlip_fed.security.site_keys import check_site_name
 
@@ -94,15 +95,28 @@ class SuperNodeConfig:
         return " ".join(f"{k}={toml_string(str(v))}" for k, v in entries.items())
 
 
-def supernode_command(cfg: SuperNodeConfig) -> list[str]:
-    """``flower-supernode`` with TLS (never ``--insecure``), the site key and the site's data."""
+def supernode_command(cfg: SuperNodeConfig, secret_file: Path) -> list[str]:
+    """``flower-supernode`` with TLS (never ``--insecure``), the site key and the site's data; it
+    starts no ClientApp itself (``--isolation process``): the site's launcher
+    (:mod:`client.site_exec`) takes its tasks, authenticated with ``secret_file``."""
     return [
         flower_executable("flower-supernode"),
         "--superlink", cfg.superlink,
         "--root-certificates", str(Path(cfg.ca_cert).resolve()),
         "--auth-supernode-private-key", str(Path(cfg.key).resolve()),
         "--node-config", cfg.node_config(),
-        "--isolation", "subprocess",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(Path(secret_file).resolve()),
         "--host", "127.0.0.1",
         "--port", str(cfg.runtime_port),
     ]
+
+
+def site_command(cfg: SuperNodeConfig, python: str) -> list[str]:
+    """The site's launcher (``python -m client.site_exec serve``) with its SuperNode: a fresh
+    shared secret in the state folder for each start, readable by the site's account only."""
+    secret_file = cfg.state_dir / "superexec.secret"
+    write_secret(secret_file, secrets.token_bytes(32), force=True)
+    return [python, "-m", "client.site_exec", "serve", "--state", str(cfg.state_dir.resolve()),
+            "--runtime-api", f"127.0.0.1:{cfg.runtime_port}", "--secret-file", str(secret_file.resolve()),
+            "--", *supernode_command(cfg, secret_file)]
