@@ -35,14 +35,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (section, key, title) in zip(axes, CURVES):
         xs = [r["round"] for r in rounds if key in r.get(section, {})]
         ys = [r[section][key] for r in rounds if key in r.get(section, {})]
         ax.plot(xs, ys, marker="o")
+        if key.startswith("auc-"):
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"

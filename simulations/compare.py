@@ -252,11 +252,13 @@ def summarise(per_seed: list[dict]) -> dict:
 def markdown(summary: dict) -> str:
     """The methods' headline table, then one table per finding family (zero-shot, probe, ceiling)."""
     per: list[tuple[str, dict]] = []
+    worst = summary.get("local_worst", {}).get("site")
     for method, b in summary.items():
         if method == "local_worst":
-            per.append((f"{method} ({b['site']})", b))
+            continue  # marked on its own row among the local sites
         elif method in ("local", "loso"):
-            per += [(f"{method} ({site})", bb) for site, bb in b.items()]
+            per += [(f"{method} ({site}{', worst' if method == 'local' and site == worst else ''})", bb)
+                    for site, bb in b.items()]
         else:
             per.append((method, b))
 

@@ -35,6 +35,8 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     assert res["local_worst"]["site"] in sites
     assert (out / "results.md").read_text().startswith("| method")
     md = (out / "results.md").read_text()
+    worst = res["local_worst"]["site"]
+    assert "local_worst" not in md and md.count(f"| local ({worst}, worst) |") == md.count(f"| local (site")  // 3
     assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
     assert (out / "results.png").stat().st_size > 1000
 
