@@ -250,6 +250,11 @@ def _start(args: argparse.Namespace) -> int:
     print(f"site {cfg.site_name}: starting flower-supernode -> {cfg.superlink} "
           f"(state {cfg.state_dir}, audit log {cfg.state_dir / 'audit.jsonl'}, "
           f"approved apps {cfg.state_dir / 'approved-apps.json'})", flush=True)
+    from hlip_fed.security.approvals import read_approvals
+
+    if not read_approvals(cfg.state_dir):
+        print(f"site {cfg.site_name}: no app version is approved yet, so every run will be refused "
+              f"(hlip-fed app build, then hlip-fed site approve --state {cfg.state_dir} HASH)", flush=True)
     sys.stdout.flush()
     # Replace this process: the service manager and `kill` see the site's launcher, whose child
     # is flower-supernode.
