@@ -63,6 +63,10 @@ class VisionConfig:
     # tower trained on little data fits much faster with max pooling than through the CLS token,
     # whose attention starts uniform (measured in docs/benchmarks.md, section 5).
     pool: str = "token"
+    # Position embeddings: "sincos" computes them from the grid (not in the state dict); "stored"
+    # keeps them in the state dict, as HLIP's released weights do (derived there from a 2D embedding,
+    # so not the 3D sin-cos): an imported model keeps its own, and they travel with its weights.
+    pos_embed: str = "sincos"
     grad_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -175,6 +179,9 @@ class FederationConfig:
     server_lr: float = 1e-3
     trim_fraction: float = 0.2
     groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
+    # A saved model folder (hlip-fed model import, or a previous run's model) whose federated weights
+    # the run starts from instead of a random initialisation; None: random.
+    init: str | None = None
     # What a site's reply carries (hlip_fed/federation/transport.py): its arrays in fp32, fp16 or
     # bf16 (sent as uint16 bit patterns), and with send_deltas the update w_site - w_global instead
     # of the weights. The server decodes to fp32 before screening and aggregation; the global model
@@ -323,6 +330,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.text.sections must be all or findings, not {cfg.model.text.sections!r}")
     if cfg.model.text.proj not in ("linear", "identity"):
         raise ConfigError(f"model.text.proj must be linear or identity, not {cfg.model.text.proj!r}")
+    if v.pos_embed not in ("sincos", "stored"):
+        raise ConfigError(f"model.vision.pos_embed must be sincos or stored, not {v.pos_embed!r}")
     if v.pool not in ("token", "max", "avg"):
         raise ConfigError(f"model.vision.pool must be token, max or avg, not {v.pool!r}")
     if cfg.model.text.pooling not in ("cls", "mean"):

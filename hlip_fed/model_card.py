@@ -87,11 +87,22 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
 
         prov.update(config_hash=config_hash(cfg), strategy=cfg.federation.strategy,
                     text_model=cfg.model.text.name, preset=cfg.model.preset)
+        if cfg.federation.init:
+            prov["initial_weights"] = initial_weights(cfg.federation.init)
     if data_root is not None:
         prov["data_hash"] = tree_digest(data_root)
         if (Path(data_root) / "consortium.json").is_file():
             prov["data"] = "synthetic phantom consortium (hlip-fed synth)"
     return prov
+
+
+def initial_weights(folder: str | os.PathLike) -> str:
+    """Where a run that starts from a saved model folder got its weights (the folder's own card)."""
+    try:
+        before = json.loads((Path(folder) / "model_card.json").read_text()).get("initial_weights")
+    except (OSError, ValueError):
+        before = None
+    return f"the model in {Path(folder).name}" + (f", itself from {before}" if before else "")
 
 
 def departures_from_hlip(model_cfg) -> list[str]:
@@ -118,7 +129,8 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
     """Write ``MODEL_CARD.md`` and ``model_card.json`` into ``model_dir``; returns the markdown path.
 
     ``provenance`` keys (all optional): ``rounds``, ``sites`` (name -> examples), ``data_hash``,
-    ``config_hash``, ``strategy``, ``text_model``, ``data`` (what it was trained on; default:
+    ``config_hash``, ``strategy``, ``text_model``, ``initial_weights`` (where training started;
+    default: a random initialisation), ``data`` (what it was trained on; default:
     synthetic phantoms), ``final_metrics``, ``intended_use``, ``notes``.
     """
     out = Path(model_dir)
@@ -140,6 +152,7 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": provenance.get("code_version") or code_version(),
         "training": {k: provenance.get(k) for k in ("rounds", "strategy", "sites", "data_hash", "config_hash")},
+        "initial_weights": provenance.get("initial_weights") or "random initialisation",
         "data": data,
         "text_model": text_model,
         "final_metrics": provenance.get("final_metrics") or {},
@@ -171,6 +184,7 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
         f"Created {card['created']} with hlip-fed {card['code_version']}.", "",
         "## Provenance", "",
         "| | |", "|---|---|",
+        f"| initial weights | {card['initial_weights']} |",
         f"| rounds | {t.get('rounds') if t.get('rounds') is not None else 'n/a'} |",
         f"| strategy | {t.get('strategy') or 'n/a'} |",
         f"| data | {data} |",

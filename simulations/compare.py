@@ -1,6 +1,6 @@
 """Does federation work? Pooled vs local-only vs FedAvg vs FedProx (and leave-one-site-out).
 
-    python -m simulations.compare --data DIR --out OUT [--preset benchmark] [--config learning] [--seeds 3] [--overrides "..."]
+    python -m simulations.compare --data DIR --out OUT [--preset benchmark] [--config learning] [--seeds 3] [--overrides "..."] [--init MODEL_DIR]
 
 All methods get the same compute: batch size ``train.batch_size`` and a budget of
 ``T = federation.rounds * federation.local_steps * n_sites`` optimizer steps in total.
@@ -45,6 +45,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
 from hlip_fed.evaluate import evaluate
+from hlip_fed.federation.params import federated_keys, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache, usable
@@ -125,6 +126,8 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
     """Train one model on ``dataset``; with ``val``, keep the weights of the best validation loss."""
     torch.manual_seed(seed)
     model, tok = create_model(cfg.model, seed=cfg.train.seed), create_tokenizer(cfg.model)
+    if cfg.federation.init:  # every method starts from the same given model
+        start_from(model, cfg.federation.init, federated_keys(model, cfg.federation.groups))
     opt = make_optimizer(model, cfg.train)
     batches = cycle(cons.loader(dataset, shuffle=True, seed=seed), seed)
     # A locked text tower's report features once per report, as every site does (in memory here).
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None,
                         help="run preset or YAML (as for flwr run; default: learning for --preset benchmark, else demo)")
     parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
+    parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log(f"generating the {args.preset} consortium in {data}")
         build_consortium(data, args.preset, seed=0)
-    overrides = shlex.split(args.overrides)
+    overrides = shlex.split(args.overrides) + ([f"federation.init={args.init.resolve()}"] if args.init else [])
     cfg = load_config(files=[args.config] if args.config else [], overrides=overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

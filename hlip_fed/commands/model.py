@@ -1,13 +1,15 @@
-"""``hlip-fed model info``: what a preset builds, without building it."""
+"""``hlip-fed model``: what a preset builds (``info``), and HLIP's released checkpoints read into an
+hlip-fed model folder (``import``) or written back in HLIP's layout (``export``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("model", help="inspect HLIP model presets")
+    parser = sub.add_parser("model", help="model presets; HLIP's released checkpoints in and out")
     cmds = parser.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
     info = cmds.add_parser("info", help="parameter counts, tokens per scan and block layout of a preset")
     info.add_argument("--preset", default="tiny", help="model preset (hlip_fed/conf/model/*.yaml)")
@@ -15,6 +17,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
+    imp = cmds.add_parser("import", help="an HLIP checkpoint (open_clip .pt, state dict, safetensors) as a model folder")
+    imp.add_argument("checkpoint", type=Path)
+    imp.add_argument("--preset", required=True, help="the model preset the weights were trained as")
+    imp.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    tower = imp.add_mutually_exclusive_group(required=True)
+    tower.add_argument("--vision-only", action="store_true", help="import the vision tower; keep the preset's text tower")
+    tower.add_argument("--text-dir", type=Path, help="a local BERT folder (config, tokenizer) for the checkpoint's text weights")
+    imp.set_defaults(func=run_import)
+    exp = cmds.add_parser("export", help="a model folder in HLIP's checkpoint layout")
+    exp.add_argument("model_dir", type=Path)
+    exp.add_argument("--out", type=Path, required=True, help="the checkpoint file to write")
+    exp.add_argument("--format", choices=["open_clip", "safetensors"], default="open_clip")
+    exp.add_argument("--vision-only", action="store_true", help="the vision tower and temperature only")
+    exp.set_defaults(func=run_export)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from hlip_fed.model.hlip_layout import import_checkpoint
+
+    out = import_checkpoint(args.checkpoint, args.preset, args.out, text_dir=args.text_dir)
+    print(f"imported {args.checkpoint} -> {out} (preset {args.preset}, "
+          f"{'vision and text towers' if args.text_dir else 'vision tower'})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from hlip_fed.model.hlip_layout import export_model
+
+    out = export_model(args.model_dir, args.out, fmt=args.format, vision_only=args.vision_only)
+    print(f"exported {args.model_dir} -> {out} ({args.format})")
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:

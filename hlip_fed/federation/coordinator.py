@@ -22,7 +22,7 @@ from hlip_fed.config import Config, config_hash
 from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
-from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
+from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, start_from
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache, usable
@@ -52,6 +52,8 @@ class Coordinator:
         self.model = create_model(cfg.model, seed=cfg.train.seed)
         self.tokenizer = create_tokenizer(cfg.model)
         self.keys = federated_keys(self.model, cfg.federation.groups)
+        if cfg.federation.init:
+            start_from(self.model, cfg.federation.init, self.keys)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k in self.keys}
         self.prompts = read_prompts(self.data_root)
         self.resumed = load_latest(self.ckpt_dir)

@@ -56,5 +56,27 @@ def set_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
             state[k].copy_(torch.as_tensor(v, dtype=state[k].dtype))
 
 
+def start_from(model: nn.Module, folder: str, keys: list[str]) -> None:
+    """Set ``model``'s federated tensors (``keys``) from a saved model folder (``federation.init``).
+
+    The rest of the model (a locked text encoder) is what the config builds at every site, so the
+    folder's text model must be the config's."""
+    from pathlib import Path
+
+    from hlip_fed.model.hlip import HLIP
+
+    initial = HLIP.from_pretrained(folder)
+    ours, theirs = getattr(model, "cfg", None), initial.cfg
+    if ours is not None and (ours.text.name != theirs.text.name or ours.vision.pos_embed != theirs.vision.pos_embed):
+        raise HlipError(f"federation.init {folder}: its text model {theirs.text.name} and position embeddings "
+                        f"({theirs.vision.pos_embed}) must be the run's ({ours.text.name}, {ours.vision.pos_embed}); "
+                        f"set model.vision.pos_embed and model.text.name to match")
+    state = initial.state_dict()
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise HlipError(f"federation.init {Path(folder).name}: the model has no {missing[0]!r}")
+    set_arrays(model, {k: state[k] for k in keys})
+
+
 def count_bytes(arrays: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in arrays.values())

@@ -142,11 +142,11 @@ class HLIPVisionTransformer(nn.Module):
         self.levels = list(levels)
         self.patch_embed = (ConvStem3D if cfg.stem == "conv" else PatchEmbed3D)(tuple(cfg.patch_size), cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        # Frozen position embeddings: derived from the config, so not part of the state dict.
-        self.register_buffer("pos_spatial", sincos_3d(cfg.width, self.grid), persistent=False)
-        self.register_buffer(
-            "pos_scan", sincos_1d(cfg.width, torch.arange(cfg.max_scans)), persistent=False
-        )
+        # Frozen position embeddings: derived from the config (not in the state dict), or stored
+        # in it (``pos_embed: stored``, imported weights), starting from the same sin-cos values.
+        stored = cfg.pos_embed == "stored"
+        self.register_buffer("pos_spatial", sincos_3d(cfg.width, self.grid), persistent=stored)
+        self.register_buffer("pos_scan", sincos_1d(cfg.width, torch.arange(cfg.max_scans)), persistent=stored)
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], self.levels[i])
