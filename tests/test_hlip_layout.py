@@ -200,3 +200,15 @@ def test_text_weights_go_into_a_local_bert_folder(tmp_path):
         ours = model.encode_text(**batch, normalize=False)
         theirs = F.linear(bert(**batch).last_hidden_state[:, 0], official["text.proj.weight"])
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("preset", ["hlip_brain_mri", "hlip_chest_ct"])
+def test_hlip_preprocessing_presets_load_with_a_released_model_preset(preset):
+    cfg = load_config(files=[preset], overrides=["model.preset=vit_base_multiscan_h3_token1176",
+                                                 "model.vision.pos_embed=stored"])
+    assert cfg.model.vision.width == 768 and cfg.data.ct_bone_hu is None
+    assert (cfg.data.mean, cfg.data.std) == (0.449, 0.226)
+    if preset == "hlip_chest_ct":
+        assert cfg.data.ct_window == [-1150.0, 350.0] and cfg.data.target_spacing == [3.0, 1.0, 1.0]
+    else:
+        assert cfg.data.mri_percentiles == [0.5, 99.5] and cfg.model.text.prefix == "This MRI study shows: "
