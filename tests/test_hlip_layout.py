@@ -212,3 +212,44 @@ def test_hlip_preprocessing_presets_load_with_a_released_model_preset(preset):
         assert cfg.data.ct_window == [-1150.0, 350.0] and cfg.data.target_spacing == [3.0, 1.0, 1.0]
     else:
         assert cfg.data.mri_percentiles == [0.5, 99.5] and cfg.model.text.prefix == "This MRI study shows: "
+
+
+def test_a_2d_vit_inflates_as_hlip_inflates_mae(tmp_path):
+    from hlip_fed.model.pos_embed import sincos_1d
+
+    v = load_config("tiny").model.vision  # width 96, 8 x 16 x 16 patches, a 4 x 6 x 6 grid
+    c = v.width
+    torch.manual_seed(0)
+    vit = {"cls_token": torch.randn(1, 1, c), "pos_embed": torch.randn(1, 1 + 6 * 6, c),
+           "patch_embed.proj.weight": torch.randn(c, 3, 16, 16), "patch_embed.proj.bias": torch.randn(c),
+           "norm.weight": torch.randn(c), "norm.bias": torch.randn(c), "head.weight": torch.randn(10, c)}
+    for i in range(v.depth):
+        ref = official_vision("tiny")
+        vit.update({k.removeprefix("visual.trunk."): torch.randn_like(t) for k, t in ref.items()
+                    if k.startswith(f"visual.trunk.blocks.{i}.")})
+    torch.save({"model": vit, "epoch": 1600}, tmp_path / "vit.pth")  # as MAE's checkpoints hold it
+    assert cli(["model", "inflate", str(tmp_path / "vit.pth"), "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    model, _ = load_pretrained(tmp_path / "m")
+    vis = model.visual
+    assert model.cfg.vision.pos_embed == "stored"
+    torch.testing.assert_close(vis.cls_token, vit["cls_token"] + vit["pos_embed"][:, :1])
+    kernel = vis.patch_embed.proj.weight  # [C, 1, 8, 16, 16]: the RGB sum, spread evenly over depth
+    torch.testing.assert_close(kernel.sum(2)[:, 0], vit["patch_embed.proj.weight"].sum(1))
+    assert torch.equal(kernel[:, :, 0], kernel[:, :, 7])
+    depth = sincos_1d(c, torch.arange(4))
+    for d in range(4):  # the 2D grid already matches the preset's: stored = depth sin-cos + 2D position
+        torch.testing.assert_close(vis.pos_spatial[d] - depth[d], vit["pos_embed"][0, 1:].reshape(6, 6, c))
+    assert torch.equal(vis.blocks[1].mlp.fc1.weight, vit["blocks.1.mlp.fc1.weight"])
+    assert "inflated to tiny" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+
+    # Another 2D grid is resampled in-plane; a block missing from the file is refused by its name.
+    vit["pos_embed"] = torch.randn(1, 1 + 14 * 14, c)
+    del vit["blocks.2.norm2.bias"]
+    torch.save(vit, tmp_path / "vit14.pth")
+    from hlip_fed.model.hlip_layout import inflate_2d
+
+    with pytest.raises(HlipError, match="no weights for 'visual.blocks.2.norm2.bias'"):
+        inflate_2d(tmp_path / "vit14.pth", "tiny", tmp_path / "m14")
+    vit["blocks.2.norm2.bias"] = torch.zeros(c)
+    torch.save(vit, tmp_path / "vit14.pth")
+    assert load_pretrained(inflate_2d(tmp_path / "vit14.pth", "tiny", tmp_path / "m14"))[0].visual.pos_spatial.shape == (4, 6, 6, c)

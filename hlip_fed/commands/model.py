@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     tower.add_argument("--vision-only", action="store_true", help="import the vision tower; keep the preset's text tower")
     tower.add_argument("--text-dir", type=Path, help="a local BERT folder (config, tokenizer) for the checkpoint's text weights")
     imp.set_defaults(func=run_import)
+    inf = cmds.add_parser("inflate", help="a 2D ViT state dict (timm names, e.g. MAE's ViT-B) inflated to a 3D preset")
+    inf.add_argument("checkpoint", type=Path)
+    inf.add_argument("--preset", required=True, help="the 3D model preset, e.g. vit_base_multiscan_h3_token1176")
+    inf.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    inf.set_defaults(func=run_inflate)
     exp = cmds.add_parser("export", help="a model folder in HLIP's checkpoint layout")
     exp.add_argument("model_dir", type=Path)
     exp.add_argument("--out", type=Path, required=True, help="the checkpoint file to write")
@@ -39,6 +44,13 @@ def run_import(args: argparse.Namespace) -> int:
     out = import_checkpoint(args.checkpoint, args.preset, args.out, text_dir=args.text_dir)
     print(f"imported {args.checkpoint} -> {out} (preset {args.preset}, "
           f"{'vision and text towers' if args.text_dir else 'vision tower'})")
+    return 0
+
+
+def run_inflate(args: argparse.Namespace) -> int:
+    from hlip_fed.model.hlip_layout import inflate_2d
+
+    print(f"inflated {args.checkpoint} -> {inflate_2d(args.checkpoint, args.preset, args.out)} (preset {args.preset})")
     return 0
 
 

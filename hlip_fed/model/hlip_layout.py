@@ -22,6 +22,7 @@ depth sin-cos), so an imported model uses ``model.vision.pos_embed: stored``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -51,7 +52,8 @@ BATCHED = ("visual.trunk.spatial_posemb", "visual.trunk.sequential_posemb", "vis
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in an HLIP checkpoint of any released format, ``module.`` removed."""
+    """The state dict in a checkpoint of any released format (its ``state_dict`` or ``model``
+    entry for a training checkpoint), ``module.`` removed."""
     path = Path(path)
     if not path.is_file():
         raise HlipError(f"{path}: checkpoint not found")
@@ -65,8 +67,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
         raise HlipError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # open_clip's and MAE's training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not state:
         raise HlipError(f"{path}: holds no state dict")
     if all(k.startswith("module.") for k in state):
@@ -97,17 +100,17 @@ def to_official(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         theirs = next((t + key[len(o):] for t, o in PREFIXES if key.startswith(o) and "series" not in t), None)
         if theirs is None:
             raise HlipError(f"{key!r} has no place in HLIP's checkpoint layout")
-        out[theirs] = value[None] if theirs in BATCHED else value
+        out[theirs] = value[None] if theirs in BATCHED and value is not None else value
     return out
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], required: tuple[str, ...],
-              source: str) -> None:
+              source: str, name=lambda key: next(iter(to_official({key: None})))) -> None:
     """Copy ``weights`` into ``model``: every key must exist with its shape, and every model key
     under a ``required`` prefix must be given (nothing is silently left at its initial value)."""
     state = model.state_dict()
     for key, value in weights.items():
-        theirs = next(iter(to_official({key: value})))  # errors name the checkpoint's own key
+        theirs = name(key)  # errors name the checkpoint's own key
         if key not in state:
             raise HlipError(f"{source}: {theirs!r} has no place in this preset's model")
         if tuple(value.shape) != tuple(state[key].shape):
@@ -191,4 +194,59 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "open_clip",
                     "state_dict": {f"module.{k}": v for k, v in official.items()}}, out)
     else:
         raise HlipError(f"--format must be open_clip or safetensors, not {fmt!r}")
+    return out
+
+
+def inflate_2d(checkpoint: str | Path, preset: str, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """A 2D ViT's weights (timm names: ``cls_token``, ``pos_embed`` [1, 1 + h*w, C], a 3-channel
+    ``patch_embed.proj``, ``blocks.*``, ``norm.*``) inflated to a 3D HLIP preset, as HLIP starts its
+    training from MAE's ImageNet ViT: the patch kernel resized in-plane (bicubic), summed over RGB,
+    repeated along depth and divided by the depth patch size; the 2D position embedding resampled
+    in-plane (bicubic) plus a 1D depth sin-cos, stored; the CLS position folded into the CLS token.
+    The projection heads, the temperature and the text tower stay the preset's."""
+    import torch.nn.functional as F
+
+    from hlip_fed.config import load_config
+    from hlip_fed.model.factory import create_model
+    from hlip_fed.model.pos_embed import sincos_1d
+    from hlip_fed.model_card import write_model_card
+
+    state = read_checkpoint(checkpoint)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if key not in state:
+            raise HlipError(f"{checkpoint}: no {key!r}; not a timm ViT state dict")
+    cfg = load_config(preset, overrides=["model.vision.pos_embed=stored", *(overrides or [])])
+    v = cfg.model.vision
+    pd, ph, pw = v.patch_size
+    gd, gh, gw = (s // p for s, p in zip(v.img_size, v.patch_size))
+    pos = state["pos_embed"][0]
+    cls = state["cls_token"].reshape(1, 1, -1)
+    side = math.isqrt(pos.shape[0])
+    if side * side != pos.shape[0]:  # the first position is the CLS token's: fold it in
+        cls, pos = cls + pos[:1][None], pos[1:]
+        side = math.isqrt(pos.shape[0])
+    width = pos.shape[-1]
+    grid2d = pos.reshape(1, side, side, width).permute(0, 3, 1, 2)
+    if (side, side) != (gh, gw):
+        grid2d = F.interpolate(grid2d, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
+    depth = sincos_1d(width, torch.arange(gd))
+    kernel = state["patch_embed.proj.weight"]
+    if tuple(kernel.shape[2:]) != (ph, pw):
+        kernel = F.interpolate(kernel, size=(ph, pw), mode="bicubic", align_corners=False)
+    weights = {
+        "visual.cls_token": cls,
+        "visual.pos_spatial": depth[:, None, None, :] + grid2d[0].permute(1, 2, 0)[None],
+        "visual.pos_scan": sincos_1d(width, torch.arange(v.max_scans)),
+        "visual.patch_embed.proj.weight": kernel.sum(1, keepdim=True)[:, :, None].repeat(1, 1, pd, 1, 1) / pd,
+        "visual.patch_embed.proj.bias": state.get("patch_embed.proj.bias", torch.zeros(kernel.shape[0])),
+    }
+    for key, value in state.items():
+        if key.startswith(("blocks.", "norm.")):
+            weights[f"visual.{key}"] = value
+    model = create_model(cfg.model, seed=0)
+    load_into(model, weights, ("visual.blocks.", "visual.norm.", "visual.patch_embed.", "visual.cls_token",
+                               "visual.pos_"), str(checkpoint), name=lambda key: key.removeprefix("visual."))
+    out = model.save_pretrained(out)
+    write_model_card(out, {"initial_weights": f"2D ViT {Path(checkpoint).name} inflated to {preset} "
+                                              "(hlip-fed model inflate); heads and text tower initialised"})
     return out
