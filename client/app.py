@@ -23,7 +23,7 @@ from hlip_fed.deploy.fault_injection import inject, requested_fault
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.admission import admit
 from hlip_fed.federation.audit import append_audit, audit_entry
-from hlip_fed.federation.local import local_site
+from hlip_fed.federation.local import TextTowerMismatch, local_site
 from hlip_fed.federation.run import Site, config_from_run, prompts_from_config, resolve_site
 from hlip_fed.federation.transport import encode_arrays, to_array_record
 from hlip_fed.security.policy import PolicyRefusal
@@ -44,6 +44,8 @@ def error_code(exc: BaseException) -> str:
         return "config-refused"
     if isinstance(exc, DataError):
         return "data-unusable"
+    if isinstance(exc, TextTowerMismatch):
+        return "text-tower-differs"
     return "site-refused" if isinstance(exc, HlipError) else "site-failure"
 
 
@@ -80,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         admit("train", context.run_id, site, dict(context.node_config), dict(context.run_config), dict(config))
         fault = requested_fault(dict(context.node_config), server_round)  # test-only; see its module
         local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
+        local.check_text_tower(config.get("text-tower"))
         received = msg.content["arrays"].to_torch_state_dict()
         arrays, metrics = local.train_round(
             received, server_round=server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -102,6 +105,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         config = dict(msg.content["config"])
         admit("evaluate", context.run_id, site, dict(context.node_config), dict(context.run_config), config)
         local = local_site(context.run_id, site, lambda: config_from_run(dict(context.run_config)))
+        local.check_text_tower(config.get("text-tower"))
         prompts = prompts_from_config(config)
         metrics = local.evaluate(msg.content["arrays"].to_torch_state_dict(), prompts)
         return RecordDict({"metrics": MetricRecord(metrics)})

@@ -16,6 +16,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.coordinator import Coordinator
+from hlip_fed.federation.params import text_tower_hash
 from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
 from hlip_fed.report import plot_run
@@ -62,14 +63,16 @@ def main(grid: Grid, context: Context) -> None:
             plot_run(out)
         return MetricRecord(metrics) if metrics else None
 
+    text_tower = text_tower_hash(coord.model)
     try:
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(coord.initial_arrays()),
             num_rounds=remaining,
             timeout=cfg.federation.round_timeout_s,
-            train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord(prompts_to_config(coord.prompts)),
+            # The locked text tower never travels: every site checks that it builds the server's.
+            train_config=ConfigRecord({"text-tower": text_tower}),
+            evaluate_config=ConfigRecord({**prompts_to_config(coord.prompts), "text-tower": text_tower}),
             evaluate_fn=after_round,
         )
         final = result.arrays if result.arrays is not None and len(result.arrays) else ArrayRecord(coord.initial_arrays())

@@ -114,3 +114,21 @@ def test_a_refused_run_config_answers_with_a_code_and_keeps_the_sites_details(mi
     assert reply.has_error() and reply.error.reason.startswith("hlip-fed site error [config-refused]")
     assert leak not in reply.error.reason and str(tmp_path) not in reply.error.reason
     assert leak in read_audit(state)[-1]["detail"]  # the site keeps what went wrong
+
+
+def test_a_site_whose_text_tower_differs_from_the_servers_refuses(mini_consortium, tmp_path):
+    """A locked text tower never travels, so every site must build the server's: the server sends
+    its hash, and a site with another tower answers with a code instead of training."""
+    from client.app import app as client_app
+    from hlip_fed.federation.params import text_tower_hash
+
+    arrays, context, state = _setup(mini_consortium, tmp_path)
+    server = create_model(config_from_run(context.run_config).model, seed=0)
+    _SITES.clear()
+    message = train_message(arrays, server_round=1)
+    message.content["config"]["text-tower"] = text_tower_hash(server)
+    assert not client_app(message, context).has_error()  # the same config builds the same tower
+    message.content["config"]["text-tower"] = "0" * 64
+    reply = client_app(message, context)
+    assert reply.has_error() and reply.error.reason.startswith("hlip-fed site error [text-tower-differs]")
+    assert "is not the server's" in read_audit(state)[-1]["detail"]

@@ -200,6 +200,13 @@ def test_text_weights_go_into_a_local_bert_folder(tmp_path):
         ours = model.encode_text(**batch, normalize=False)
         theirs = F.linear(bert(**batch).last_hidden_state[:, 0], official["text.proj.weight"])
     torch.testing.assert_close(ours, theirs)
+    # Its text folder is a whole text model: what every site names as model.text.name.
+    from hlip_fed.federation.params import text_tower_hash
+    from hlip_fed.model.factory import create_model
+
+    site = create_model(load_config("tiny", overrides=[f"model.text.name={tmp_path / 'model' / 'text'}",
+                                                       "model.text.pooling=cls"]).model, seed=1)
+    assert text_tower_hash(site) == text_tower_hash(model)
 
 
 @pytest.mark.parametrize("preset", ["hlip_brain_mri", "hlip_chest_ct"])

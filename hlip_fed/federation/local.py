@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from hlip_fed.config import Config
 from hlip_fed.data.dataset import SiteDataset, collate_studies
 from hlip_fed.evaluate import evaluate
-from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays
+from hlip_fed.errors import HlipError
+from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, text_tower_hash
 from hlip_fed.federation.run import Site, read_labels
 from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
@@ -40,6 +41,10 @@ log = logging.getLogger("hlip_fed.federation")
 def round_seed(seed: int, server_round: int, site: str) -> int:
     """A seed that differs per round and site but is the same when a round is repeated."""
     return (seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site.encode())) % (2**31)
+
+
+class TextTowerMismatch(HlipError):
+    """The site's locked text tower is not the one the server's run uses."""
 
 
 class LocalSite:
@@ -57,12 +62,23 @@ class LocalSite:
         self.labels = read_labels(site.truth_path)
         # A locked text encoder's report features, reused across steps and rounds (kept on site).
         self.text_cache = self.eval_text_cache = None
+        self._text_hash: str | None = None
         if cfg.train.text_cache and usable(cfg.model.text):
             self.text_cache = TextFeatureCache.for_model(
                 self.model, self.tokenizer, cfg.train.precision, cfg.train.device, site.state_dir / "text-features")
             # Evaluation encodes in fp32: the same features as training's unless training autocasts.
             self.eval_text_cache = self.text_cache if cfg.train.precision == "fp32" else TextFeatureCache.for_model(
                 self.model, self.tokenizer, "fp32", cfg.train.device)
+
+    def check_text_tower(self, expected: str | None) -> None:
+        """Refuse a message whose text tower (``text-tower`` in its config) is not this site's."""
+        if expected is None or "text_encoder" in self.cfg.federation.groups:  # a federated tower arrives
+            return
+        if self._text_hash is None:
+            self._text_hash = text_tower_hash(self.model)
+        if expected != self._text_hash:
+            raise TextTowerMismatch(f"site {self.site.name}: its text tower ({self.cfg.model.text.name}, sha256 "
+                                    f"{self._text_hash[:16]}) is not the server's ({expected[:16]})")
 
     def _optimizer_file(self, server_round: int) -> Path:
         return self.site.state_dir / f"optimizer-round-{server_round:04d}.pt"

@@ -56,6 +56,19 @@ def set_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
             state[k].copy_(torch.as_tensor(v, dtype=state[k].dtype))
 
 
+def text_tower_hash(model: nn.Module) -> str:
+    """SHA-256 of the text encoder's weights: a locked text tower never travels, so every site must
+    build the same one (the server sends its hash with each message; a site with another refuses)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith(GROUPS["text_encoder"]):
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def start_from(model: nn.Module, folder: str, keys: list[str]) -> None:
     """Set ``model``'s federated tensors (``keys``) from a saved model folder (``federation.init``).
 

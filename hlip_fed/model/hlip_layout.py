@@ -157,6 +157,8 @@ def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text
     required = ("visual.", "logit_scale") + (("text.",) if text_dir is not None else ())
     load_into(model, weights, required, str(checkpoint))
     out = model.save_pretrained(out)
+    if text_dir is not None:  # a complete text model folder, for the sites' model.text.name
+        model.text.encoder.save_pretrained(str(out / "text"))
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     towers = "vision and text towers" if text_dir is not None else "vision tower (text tower: the preset's)"
     write_model_card(out, {"initial_weights": f"HLIP checkpoint {Path(checkpoint).name} (sha256 {digest[:16]}), "
