@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hlip_fed.atomic import write_atomic
 from hlip_fed.errors import HlipError
 
 CACHE_VERSION = 1
@@ -130,14 +131,11 @@ class EmbeddingCache:
     def save(self) -> None:
         if not self.path:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(self.entries)
         data = {"version": CACHE_VERSION, "model": self.fingerprint, "keys": keys,
                 "stamps": [self.entries[k][0] for k in keys],
                 "embeddings": [self.entries[k][1] for k in keys]}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda tmp: torch.save(data, tmp))
 
 
 def embed_report_corpus(model, tokenizer, reports: list[tuple[str, str]], cache: EmbeddingCache) -> torch.Tensor:

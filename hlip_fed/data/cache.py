@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from hlip_fed.atomic import write_atomic
 from hlip_fed.config import config_hash
 from hlip_fed.data.files import scan_stem
 
@@ -75,18 +75,6 @@ def _stat_signature(files: list[Path]) -> list[list]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class TensorCache:
     """Preprocessed tensors under ``cache_dir``, one safetensors file per (source, settings)."""
 
@@ -117,7 +105,7 @@ class TensorCache:
             h.update(b"\0")
         digest = h.hexdigest()
         payload = json.dumps({"path": str(path), "stat": signature, "digest": digest})
-        _atomic_write(memo, lambda tmp: Path(tmp).write_text(payload))
+        write_atomic(memo, lambda tmp: Path(tmp).write_text(payload))
         return digest
 
     def entry(self, source: str | os.PathLike) -> Path:
@@ -159,4 +147,4 @@ class TensorCache:
 
         meta = {**meta, "source": str(source), "settings": self.settings}
         data = {"image": tensor.detach().to("cpu", torch.float32).contiguous()}
-        _atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
+        write_atomic(path, lambda tmp: save_file(data, tmp, metadata=meta))

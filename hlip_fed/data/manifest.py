@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from hlip_fed.atomic import write_bytes_atomic
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.files import DICOM_SUFFIXES, is_nifti_path, read_sidecar
 
@@ -114,13 +115,8 @@ def index_site(site_dir: str | os.PathLike, previous: Iterable[dict] | None = No
 
 def write_manifest(entries: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write JSONL atomically (a reader never sees half a manifest)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for e in entries:
-            fh.write(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in entries)
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hlip_fed.atomic import write_json_atomic
 from hlip_fed.deploy.flwr_cli import FlwrCli
 from hlip_fed.errors import HlipError
 from hlip_fed.security.site_keys import check_site_name, fingerprint, load_site_public_key
@@ -59,10 +59,7 @@ class Enrolment:
             raise HlipError(f"{self.path} is damaged ({exc}); restore it from backup") from exc
 
     def _save(self, records: list[SiteRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{REGISTRY}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"sites": [asdict(r) for r in records]}, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"sites": [asdict(r) for r in records]})
 
     def active(self, name: str) -> SiteRecord | None:
         return next((r for r in self.records() if r.name == name and r.active), None)

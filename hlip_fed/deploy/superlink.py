@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hlip_fed.atomic import write_json_atomic
 from hlip_fed.deploy.flower_env import flower_env
 from hlip_fed.deploy.processes import (
     ManagedProcess,
@@ -243,9 +244,7 @@ class SuperLinkDeployment:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def read_server_info(state_dir: Path) -> dict | None:

@@ -10,13 +10,13 @@ half-written file. A new run with the same output folder and config continues af
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from hlip_fed.atomic import write_atomic, write_bytes_atomic
 from hlip_fed.errors import HlipError
 
 LATEST = "latest.json"
@@ -31,15 +31,6 @@ class Checkpoint:
     state: dict = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,12 +38,10 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
     # np.array(order="C"), not ascontiguousarray: the latter turns 0-d scalars into 1-d arrays.
     tensors = {k: np.array(v, dtype=np.float32, order="C") for k, v in ckpt.arrays.items()}
     tensors.update({STRATEGY_PREFIX + k: np.array(v, order="C") for k, v in ckpt.strategy_state.items()})
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
+    write_atomic(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
     state = dict(ckpt.state, round=ckpt.round, weights=f"{name}.safetensors")
-    _atomic_write(folder / f"{name}.json", json.dumps(state, indent=2, sort_keys=True).encode())
-    _atomic_write(folder / LATEST, json.dumps({"round": ckpt.round, "state": f"{name}.json"}).encode())
+    write_bytes_atomic(folder / f"{name}.json", json.dumps(state, indent=2, sort_keys=True).encode())
+    write_bytes_atomic(folder / LATEST, json.dumps({"round": ckpt.round, "state": f"{name}.json"}).encode())
     return folder / f"{name}.safetensors"
 
 

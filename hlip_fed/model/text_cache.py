@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hlip_fed.atomic import write_atomic
 from hlip_fed.config import TextConfig, config_hash
 from hlip_fed.errors import HlipError
 
@@ -136,12 +136,9 @@ class TextFeatureCache:
         """Write the features to the state folder if any were added (atomic replace)."""
         if self.path is None or not self._dirty:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         keys = list(self.entries)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model_id": self.model_id, "keys": keys,
-                    "features": torch.stack([self.entries[k] for k in keys])}, tmp)
-        os.replace(tmp, self.path)
+        data = {"model_id": self.model_id, "keys": keys, "features": torch.stack([self.entries[k] for k in keys])}
+        write_atomic(self.path, lambda tmp: torch.save(data, tmp))
         for old in self.folder.glob("text-features-*.pt"):
             if old != self.path:
                 old.unlink(missing_ok=True)

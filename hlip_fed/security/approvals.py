@@ -12,10 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
+from hlip_fed.atomic import write_json_atomic
 from hlip_fed.errors import HlipError
 
 APPROVALS_FILE = "approved-apps.json"
@@ -54,11 +54,7 @@ def read_approvals(state_dir: str | Path) -> dict[str, dict]:
 
 def _write(state_dir: Path, approvals: dict[str, dict]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / APPROVALS_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(approvals, indent=2, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_json_atomic(state_dir / APPROVALS_FILE, approvals, mode=0o600, sort_keys=True)
 
 
 def approve(state_dir: str | Path, hash_or_fab: str) -> str:
