@@ -21,6 +21,7 @@ import signal
 import socket
 from pathlib import Path
 
+from hlip_fed.deploy.flower_env import flower_env as deploy_flower_env
 from hlip_fed.federation.run import consortium_sites
 
 CONFIG = """[superlink]
@@ -35,15 +36,6 @@ options.num-supernodes = {sites}
 options.backend.client-resources.num-cpus = 1
 options.backend.init-args.num-cpus = {cpus}
 """
-
-# What every `flwr` call of this project runs with: no telemetry, no update check, no installs.
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-}
-
 
 PORTS_FILE = "local-ports.json"  # this home's local SuperLink ports, as flwr's environment variables
 
@@ -75,25 +67,22 @@ def write_flower_home(home: str | Path, sites: int) -> Path:
 def flower_env(home: str | Path) -> dict[str, str]:
     """The environment for a ``flwr`` process: this Flower home, its local SuperLink's ports and the
     privacy switches."""
-    import sys
-
-    env = dict(os.environ, FLWR_HOME=str(Path(home).resolve()), **FLOWER_ENV)
+    env = deploy_flower_env(flwr_home=Path(home).resolve())
+    env["HF_HUB_OFFLINE"] = "1"  # a simulation never downloads a model
     ports = Path(home) / PORTS_FILE
     if ports.exists():
         env.update(json.loads(ports.read_text()))
-    bin_dir = str(Path(sys.executable).parent)  # flower-superlink lives beside this interpreter
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
 
 
 def local_superlink_pids(home: str | Path) -> list[int]:
     """PIDs of the detached local SuperLink that ``flwr run`` started for this Flower home
     (its database lives under ``<home>/local-superlink``); no command of Flower's stops it."""
-    import subprocess
+    import psutil
 
     pattern = str(Path(home).resolve() / "local-superlink")
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if p.info["pid"] != os.getpid() and pattern in " ".join(p.info["cmdline"] or [])]
 
 
 def stop_local_superlink(home: str | Path, sig: int = signal.SIGKILL) -> None:
