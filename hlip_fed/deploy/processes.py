@@ -4,7 +4,8 @@ Every daemon is started in a new session, so its PID is also its process-group I
 signals the whole group (the daemon and whatever it forked) without ever matching processes by
 name, which could hit another user's or another test's Flower. Flower detaches some helpers into
 sessions of their own (``flower-superexec``), so the daemon's descendants are also collected by
-PID from ``/proc`` before it is stopped, and any that outlive it are killed.
+PID (psutil) before it is stopped, and any that outlive it are killed. A PID with its start time
+names one process, so a reused PID is never signalled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from hlip_fed.errors import HlipError
 
@@ -79,7 +82,7 @@ class ManagedProcess:
         """Record the daemon's current descendants, so they can be stopped even if it crashes."""
         if self.running():
             for pid in _descendants(self.popen.pid):
-                ident = (pid, _start_time(pid))
+                ident = (pid, process_start_time(pid))
                 if ident[1] and ident not in self.helpers:
                     self.helpers.append(ident)
         return self.helpers
@@ -135,43 +138,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    """PIDs of all descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                children = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.append(child)
-                    todo.append(child)
-    return found
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of ``/proc/PID/stat`` after the command name (state first); empty if gone."""
+    """PIDs of all descendants of ``pid`` (empty if it is gone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
         return []
-
-
-def _start_time(pid: int) -> str:
-    fields = _stat_fields(pid)
-    return fields[19] if len(fields) > 19 else ""  # field 22 of stat: start time in clock ticks
 
 
 def process_start_time(pid: int) -> str:
     """The start time of ``pid`` (``""`` if it is gone): with the PID it names one process."""
-    return _start_time(pid) if pid > 0 else ""
+    try:
+        return repr(psutil.Process(pid).create_time()) if pid > 0 else ""
+    except psutil.Error:
+        return ""
 
 
 def same_process_alive(pid: int, start_time: str) -> bool:
@@ -181,8 +160,11 @@ def same_process_alive(pid: int, start_time: str) -> bool:
 
 def _alive(ident: tuple[int, str]) -> bool:
     """Still the same process (same start time) and not a zombie."""
-    fields = _stat_fields(ident[0])
-    return len(fields) > 19 and fields[19] == ident[1] and fields[0] != "Z"
+    try:
+        proc = psutil.Process(ident[0])
+        return repr(proc.create_time()) == ident[1] and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _stop_pids(idents: list[tuple[int, str]], grace: float = 3.0) -> None:
