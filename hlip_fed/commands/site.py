@@ -3,8 +3,8 @@
 ``index`` and ``check`` work on the site folder (layout in ``docs/site-layout.md``); ``start``
 runs at the hospital (``check`` first, then ``flower-supernode`` and the site's launcher, which
 runs approved app versions only: ``approve``, ``approvals``, ``disapprove``), and ``policy check``
-shows what the site's policy would refuse; ``enroll``, ``revoke`` and ``list`` run at the consortium operator,
-on the SuperLink host (``docs/deployment.md``).
+shows what the site's policy would refuse; ``enroll``, ``revoke`` and ``list`` run at the
+consortium operator, on the SuperLink host (``docs/deployment.md``).
 Subcommands are added by small ``_add_<name>(sub)`` functions.
 """
 
