@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
+from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
 from hlip_fed.evaluate import evaluate
@@ -187,40 +188,63 @@ def loso_view(root: Path, left_out: str, out: Path) -> Path:
     return view
 
 
-def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int, methods: list[str], log) -> dict:
+def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int, methods: list[str], log,
+             resume: bool = False) -> dict:
+    """Every method for one seed. After each method the figures so far and each method's wall time
+    go to ``out/progress.json``; with ``resume`` the methods found there are not run again."""
     fed = cfg.federation
     n = len(cons.sites)
     budget = fed.rounds * fed.local_steps * n
-    res: dict = {}
-    if "pooled" in methods:
+    progress_file = out / "progress.json"
+    saved = json.loads(progress_file.read_text()) if resume and progress_file.is_file() else {}
+    res: dict = saved.get("metrics", {})
+    seconds: dict = saved.get("seconds", {})
+
+    def done(method: str, started: float) -> None:
+        seconds[method] = round(time.time() - started, 1)
+        write_json_atomic(progress_file, {"metrics": res, "seconds": seconds})
+
+    if "pooled" in methods and "pooled" not in res:
         log(f"seed {seed}: pooled, {budget} steps")
+        started = time.time()
         model, tok = train_central(cfg, ConcatDataset(list(cons.train.values())), budget, seed, cons)
         model.save_pretrained(out / "pooled" / "model")  # beside the federated runs' models
         res["pooled"] = heldout_metrics(model, tok, cons)
+        done("pooled", started)
     if "local" in methods:
-        res["local"] = {}
+        res.setdefault("local", {})
         for site, data in cons.train.items():
+            if site in res["local"]:
+                continue
             log(f"seed {seed}: local-only {site}, up to {budget} steps")
+            started = time.time()
             train, val = split_validation(data, 0.2, seed)
             model, tok = train_central(cfg, train, budget, seed, cons, val=val if len(val) else None,
                                        eval_every=max(1, budget // 8))
             res["local"][site] = heldout_metrics(model, tok, cons)
+            done(f"local-{site}", started)
     for method in ("fedavg", "fedprox"):
-        if method in methods:
+        if method in methods and method not in res:
             log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
+            started = time.time()
             run = federated(method, cfg_args, cons.root, out, n, seed)
             model = HLIP.from_pretrained(run / "model")
             res[method] = heldout_metrics(model, create_tokenizer(cfg.model), cons)
+            done(method, started)
     if "loso" in methods:
-        res["loso"] = {}
+        res.setdefault("loso", {})
         for site in cons.sites:
+            if site.name in res["loso"]:
+                continue
             log(f"seed {seed}: federation without {site.name}")
+            started = time.time()
             view = loso_view(cons.root, site.name, out / "loso")
             run = federated("fedavg", cfg_args, view, out / "loso" / site.name, n - 1, seed)
             model = HLIP.from_pretrained(run / "model")
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
                                                      cons.test[site.name], cons.site_labels[site.name])
-    return res
+            done(f"loso-{site.name}", started)
+    return {m: res[m] for m in ("pooled", "local", "fedavg", "fedprox", "loso") if m in res and m in methods}
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -323,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None,
                         help="run preset or YAML (as for flwr run; default: learning for --preset benchmark, else demo)")
     parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the methods a previous run of the same --out finished (OUT/seed-K/progress.json)")
     parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso")
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for seed in range(args.seeds):
         seed_cfg = load_config(files=[args.config] if args.config else [], overrides=overrides + [f"train.seed={seed}"])
-        per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log))
+        per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log, args.resume))
     summary = summarise(per_seed)
     fed = cfg.federation
     result = {

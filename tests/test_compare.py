@@ -38,6 +38,14 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     worst = res["local_worst"]["site"]
     assert "local_worst" not in md and md.count(f"| local ({worst}, worst) |") == md.count(f"| local (site")  // 3
     assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
+    # Each method's figures and wall time are kept as it finishes; --resume does not redo them.
+    progress = json.loads((out / "seed-0" / "progress.json").read_text())
+    assert {"pooled", "fedavg", "fedprox", "local-site0", "loso-site2"} <= set(progress["seconds"])
+    assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--overrides", overrides,
+                         "--methods", "pooled,fedavg", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert set(again) - {"per_seed"} >= {"pooled", "fedavg"} and "local" not in again
+    assert again["pooled"]["zeroshot_auc_mean"] == res["pooled"]["zeroshot_auc_mean"]
     # The tables are the JSON's figures: the pooled row's headline cells, as written.
     pooled = next(line for line in md.splitlines() if line.startswith("| pooled |")).split(" | ")
     assert pooled[1] == f"{res['pooled']['zeroshot_auc_mean']:.3f}" and pooled[4] == f"{res['pooled']['r5']:.3f}"
