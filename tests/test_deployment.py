@@ -194,8 +194,8 @@ class Deployment:
         path = self.run_dir / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def run_config(self, run_dir: Path | None = None) -> str:
-        overrides = " ".join(shlex.quote(o) for o in OVERRIDES)
+    def run_config(self, run_dir: Path | None = None, *extra: str) -> str:
+        overrides = " ".join(shlex.quote(o) for o in [*OVERRIDES, *extra])
         return (f"data-root='{self.consortium}' run-dir='{run_dir or self.run_dir}' config='' "
                 f"overrides=\"{overrides}\"")
 
@@ -373,8 +373,9 @@ def test_a_changed_app_is_refused_before_any_of_its_code_runs(dep, tmp_path):
     assert sites
     before = {n: len(read_audit(dep.root / "site-state" / n)) for n in sites}
     run_dir = tmp_path / "run"
-    dep.operator.start_run(app, dep.run_config(run_dir))
-    _wait(lambda: (run_dir / "metrics.jsonl").exists(), 400, "the refused round", dep.logs())
+    # One round, waiting for the sites that are online (the revoked one is not).
+    dep.operator.start_run(app, dep.run_config(run_dir, "federation.rounds=1", f"federation.min_nodes={len(sites)}"))
+    _wait(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the refused round", dep.logs())
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert not record["train_sites"]
     reasons = {r["node"]: r["reason"] for r in record["rejected"]}
