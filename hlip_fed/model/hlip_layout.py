@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from hlip_fed.errors import HlipError
+from hlip_fed.federation.params import set_arrays
 
 # (official prefix, this model's prefix); the first match wins.
 PREFIXES = (
@@ -106,8 +107,9 @@ def to_official(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], required: tuple[str, ...],
               source: str, name=lambda key: next(iter(to_official({key: None})))) -> None:
-    """Copy ``weights`` into ``model``: every key must exist with its shape, and every model key
-    under a ``required`` prefix must be given (nothing is silently left at its initial value)."""
+    """Copy ``weights`` into ``model`` (:func:`~hlip_fed.federation.params.set_arrays`) after checking,
+    with the checkpoint's own key names in the errors, that every key exists with its shape and that
+    every model key under a ``required`` prefix is given (nothing is left at its initial value)."""
     state = model.state_dict()
     for key, value in weights.items():
         theirs = name(key)  # errors name the checkpoint's own key
@@ -120,9 +122,7 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], required
     if missing:
         raise HlipError(f"{source}: no weights for {missing[0]!r}" + (f" and {len(missing) - 1} more"
                                                                      if len(missing) > 1 else ""))
-    with torch.no_grad():
-        for key, value in weights.items():
-            state[key].copy_(value.to(state[key].dtype))
+    set_arrays(model, weights)
 
 
 def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text_dir: str | Path | None = None,
