@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hlip_fed.evaluate import evaluate
     from hlip_fed.model import create_model, create_tokenizer
+    from hlip_fed.model.text_cache import TextFeatureCache
     from hlip_fed.train import cycle, make_optimizer, train_steps
 
     opened = open_consortium(args.data, args.config, args.overrides)
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, tok = create_model(cfg.model, seed=args.seed), create_tokenizer(cfg.model)
     opt = make_optimizer(model, cfg.train)
+    text_cache = TextFeatureCache.for_training(model, tok, cfg.train)  # a locked tower: each report once
     batches = cycle(cons.loader(ConcatDataset(list(cons.train.values())), shuffle=True, seed=args.seed), args.seed)
     findings = list(cons.prompts)  # the consortium's own finding names
     n_train = sum(len(d) for d in cons.train.values())
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         n = min(args.every, args.steps - done)
         if args.objective == "clip":
             stats = train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done,
-                                total_steps=args.steps)
+                                total_steps=args.steps, text_cache=text_cache)
             loss = stats.loss
         else:
             loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)

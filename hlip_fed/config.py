@@ -161,6 +161,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA)
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    fused_optimizer: bool = True  # AdamW's fused kernel instead of its for-each kernels (benchmarks/throughput.py)
     # Reuse a locked text encoder's pooled report features across steps and rounds instead of running
     # the encoder every step (hlip_fed/model/text_cache.py). Used only with model.text.lock and
     # without shuffle_sentences (a shuffled report is a new text every step).

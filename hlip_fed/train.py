@@ -48,7 +48,7 @@ def make_optimizer(model: HLIP, cfg: TrainConfig) -> torch.optim.AdamW:
             continue
         (decay if p.ndim >= 2 and "cls_token" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=cfg.fused_optimizer or None)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -49,7 +49,7 @@ from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.params import federated_keys, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
-from hlip_fed.model.text_cache import TextFeatureCache, usable
+from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
@@ -132,8 +132,7 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
     opt = make_optimizer(model, cfg.train)
     batches = cycle(cons.loader(dataset, shuffle=True, seed=seed), seed)
     # A locked text tower's report features once per report, as every site does (in memory here).
-    text_cache = (TextFeatureCache.for_model(model, tok, cfg.train.precision, cfg.train.device)
-                  if cfg.train.text_cache and usable(cfg.model.text) else None)
+    text_cache = TextFeatureCache.for_training(model, tok, cfg.train)
     chunk = eval_every if val is not None and eval_every else steps
     best, best_state, done = math.inf, None, 0
     while done < steps:

@@ -149,3 +149,46 @@ def test_data_benchmark_times_the_cache_and_each_augmentation(tmp_path):
     names = {r["transform"] for r in data["augmentation_ms"]}
     assert {"RandLateralFlipd", "RandAffined", "Rand3DElasticd", "RandBiasFieldd"} <= names
     assert all(r["ms_per_study"] > 0 for r in data["augmentation_ms"])
+
+
+def test_throughput_benchmark_measures_each_lever_on_the_same_training(mini_consortium, tmp_path):
+    from benchmarks.attention import ModelSpec
+    from benchmarks.throughput import CATEGORIES, step_flops
+
+    out = tmp_path / "throughput.json"
+    proc = run("throughput.py", "--data", str(mini_consortium), "--quick", "--presets", "demo", "--batch", "2",
+               "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    demo = data["presets"]["demo"]
+    rows = {r["variant"]: r for r in demo["rows"]}
+    assert list(rows) == ["baseline", "+ linear patch embedding", "+ skip padded scans", "+ fused AdamW",
+                          "+ bf16 autocast", "defaults", "defaults + DataLoader worker"]
+    assert rows["+ bf16 autocast"]["precision"] == "bf16" and rows["defaults"]["precision"] == "fp32"
+    assert data["speedup"] == pytest.approx(rows["defaults"]["studies_per_s"] / rows["baseline"]["studies_per_s"])
+    assert all(r["data_ms"] < r["step_ms"] for r in rows.values())
+    # The fp32 levers compute the same function: the same seeds give the same training losses.
+    curves = demo["loss_curves"]["curves"]
+    for base, new in zip(curves["baseline"], curves["defaults"]):
+        assert base == pytest.approx(new, abs=1e-3)
+    assert demo["loss_curves"]["within_seed_noise"]
+    prof = demo["profile_seconds_per_step"]
+    assert set(prof["defaults"]) == set(CATEGORIES) and prof["defaults"]["data"] > 0
+    assert prof["baseline"]["optimiser"] > 0 and prof["defaults"]["attention"] > 0
+    v = demo["vision_step"]
+    spec = ModelSpec("quick", 96, 3, 3, [16, 32, 32], [8, 16, 16], 4.0)
+    assert v["flops"] == pytest.approx(step_flops(spec, ["scan", "scan", "study"], v["scans_per_study"]))
+    assert 0 < data["roofline_fraction"] < 1
+    assert data["gemm_peak_flop_per_s"]["fp32"] > 0 and "whole step speedup" in proc.stdout
+
+
+def test_flops_count_padded_scans_only_where_they_are_computed():
+    from benchmarks.attention import ModelSpec, forward_macs
+    from benchmarks.throughput import step_flops
+
+    spec = ModelSpec("tiny", 96, 3, 3, [32, 96, 96], [8, 16, 16], 4.0)
+    levels = ["scan", "scan", "study"]
+    full = step_flops(spec, levels, [3, 3])
+    assert step_flops(spec, levels, [1, 3]) < full
+    patch = forward_macs(spec, [], 3)  # the patch embedding's backward is once its forward
+    assert full == pytest.approx(2 * 2 * (3 * (forward_macs(spec, levels, 3) - patch) + 2 * patch))

@@ -352,3 +352,53 @@ def test_finding_sections_keep_findings_and_impression_only(tiny_cfg):
     text = dataclasses.replace(tiny_cfg.model.text, sections="findings")
     tok = create_tokenizer(dataclasses.replace(tiny_cfg.model, text=text))
     assert "technique" not in tok.hf.decode(tok([report])["input_ids"][0])
+
+
+def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
+    m = vision(tiny_cfg)
+    pe = m.patch_embed
+    x = study(b=2, n=3, size=(35, 100, 97))  # voxels beyond a whole patch are dropped, as by the conv
+    with torch.no_grad():
+        tokens = pe(x)
+        conv = F.conv3d(x.flatten(0, 1), pe.proj.weight, pe.proj.bias, stride=pe.patch_size)
+    c, gd, gh, gw = conv.shape[1:]
+    assert tokens.shape == (2, 3, gd, gh * gw, c)
+    torch.testing.assert_close(tokens, conv.permute(0, 2, 3, 4, 1).reshape(2, 3, gd, gh * gw, c),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_autocast_attends_in_fp32(tiny_cfg, monkeypatch):
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    m = vision(tiny_cfg).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(study())
+    out.float().sum().backward()
+    assert seen == [torch.float32] * len(m.blocks)
+    assert m.blocks[0].attn.qkv.weight.grad is not None and torch.isfinite(m.blocks[0].attn.qkv.weight.grad).all()
+
+
+@pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"]])
+def test_scan_and_slice_blocks_skip_padded_scans(tiny_cfg, levels):
+    m = vision(tiny_cfg, levels=levels)  # evaluation mode: scan slots in order, so both runs agree
+    rows = []
+    for blk in m.blocks:
+        blk.register_forward_pre_hook(lambda mod, inp: rows.append(inp[0].shape[0]))
+    two, four = study(n=2, seed=3), study(n=4, seed=4)
+    batch = torch.cat([F.pad(two, (0,) * 8 + (0, 2)), four])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    m(batch, mask).sum().backward()
+    slabs = m.grid[0]
+    per_level = {"slice": 6 * slabs, "scan": 6, "study": 2}  # 6 real scans in 2 studies
+    assert rows == [per_level[lv] for lv in levels]
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    sum(m(x)[0] for x in (two, four)).sum().backward()  # each study alone: no padding at all
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-4, rtol=1e-3)

@@ -120,6 +120,16 @@ def test_no_cache_for_a_trained_or_shuffled_text_encoder(small_cfg):
         mcfg = dataclasses.replace(small_cfg.model, text=text)
         with pytest.raises(HlipError, match="cannot be cached"):
             TextFeatureCache.for_model(create_model(mcfg, seed=0), create_tokenizer(mcfg), "fp32", "cpu")
+        # Every training path asks for_training, which leaves such a tower uncached.
+        assert TextFeatureCache.for_training(create_model(mcfg, seed=0), create_tokenizer(mcfg), small_cfg.train) is None
+
+
+def test_training_paths_cache_a_locked_tower_unless_told_not_to(small_cfg):
+    model, tok = create_model(small_cfg.model, seed=0), create_tokenizer(small_cfg.model)
+    cache = TextFeatureCache.for_training(model, tok, small_cfg.train)
+    assert cache is not None and cache.model_id == TextFeatureCache.for_model(model, tok, "fp32", "cpu").model_id
+    off = dataclasses.replace(small_cfg.train, text_cache=False)
+    assert TextFeatureCache.for_training(model, tok, off) is None
 
 
 def test_a_site_encodes_each_report_once_across_rounds(mini_consortium, tmp_path):

@@ -32,7 +32,7 @@ from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, t
 from hlip_fed.federation.run import Site, read_labels
 from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
-from hlip_fed.model.text_cache import TextFeatureCache, usable
+from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
 log = logging.getLogger("hlip_fed.federation")
@@ -61,11 +61,11 @@ class LocalSite:
         self.test_set = SiteDataset(site.data_dir, cfg.data, img, split="test")
         self.labels = read_labels(site.truth_path)
         # A locked text encoder's report features, reused across steps and rounds (kept on site).
-        self.text_cache = self.eval_text_cache = None
+        self.eval_text_cache = None
         self._text_hash: str | None = None
-        if cfg.train.text_cache and usable(cfg.model.text):
-            self.text_cache = TextFeatureCache.for_model(
-                self.model, self.tokenizer, cfg.train.precision, cfg.train.device, site.state_dir / "text-features")
+        self.text_cache = TextFeatureCache.for_training(self.model, self.tokenizer, cfg.train,
+                                                        site.state_dir / "text-features")
+        if self.text_cache is not None:
             # Evaluation encodes in fp32: the same features as training's unless training autocasts.
             self.eval_text_cache = self.text_cache if cfg.train.precision == "fp32" else TextFeatureCache.for_model(
                 self.model, self.tokenizer, "fp32", cfg.train.device)

@@ -100,6 +100,13 @@ class TextFeatureCache:
             raise HlipError(f"report features cannot be cached: the text encoder {why}")
         return cls(text_model_id(model.text, tokenizer, precision, device), cfg.prefix, folder)
 
+    @classmethod
+    def for_training(cls, model, tokenizer, train_cfg, folder: str | Path | None = None) -> "TextFeatureCache | None":
+        """The cache a training run uses (``train.text_cache`` on and the tower cacheable), else None."""
+        if not (train_cfg.text_cache and usable(model.text.cfg)):
+            return None
+        return cls.for_model(model, tokenizer, train_cfg.precision, train_cfg.device, folder)
+
     def _load(self) -> None:
         if self.path is None or not self.path.exists():
             return
