@@ -1,0 +1,89 @@
+"""Golden runs: seeded in-process federations whose final weights and round records are pinned.
+
+Each case runs the real ServerApp and ClientApp code in this process (``InProcessGrid``) on the
+mini consortium and compares with ``tests/golden/<case>.json``: every federated array by its sum,
+its sum of squares and its first values, and every round record with its timings left out. A
+refactor must leave them equal to 1e-6; a change of behaviour re-records them on purpose:
+
+    HLIP_FED_GOLDEN=write .venv/bin/python -m pytest tests/test_golden.py
+"""
+
+import json
+import math
+import os
+import secrets
+import shlex
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from conftest import FAST_RUN
+from hlip_fed.federation.checkpoint import load_latest
+from hlip_fed.federation.local import _SITES
+from simulations.inprocess import InProcessGrid
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+CASES = {
+    "fedavg": ["federation.strategy=fedavg", "federation.rounds=3"],
+    "fedprox": ["federation.strategy=fedprox", "federation.rounds=2", "federation.proximal_mu=0.1"],
+    "fedadam": ["federation.strategy=fedadam", "federation.rounds=2", "federation.server_lr=0.01"],
+    "dp": ["federation.strategy=fedavg", "federation.rounds=2", "federation.dp=server_fixed",
+           "federation.dp_noise_multiplier=0.5", "federation.dp_clipping_norm=1.0"],
+}
+# Keys of a round record that measure time or the machine rather than what was computed.
+VOLATILE = ("seconds", "timing", "started", "_s", "time")
+
+
+def stable(value):
+    """A round record without its timings, numbers rounded to what the comparison needs."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if not any(t in k for t in VOLATILE)}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
+def run_case(name, consortium, tmp_path, monkeypatch):
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 12345)  # central DP's noise, made repeatable
+    _SITES.clear()
+    overrides = " ".join(shlex.quote(o) for o in FAST_RUN + CASES[name])
+    rc = {"data-root": str(consortium), "run-dir": str(tmp_path / name), "config": "", "overrides": overrides}
+    from server.app import main as server_main
+
+    server_main(InProcessGrid(rc, run_id=31), Context(run_id=31, node_id=0, node_config={}, state=RecordDict(),
+                                                      run_config=rc))
+    arrays = load_latest(tmp_path / name / "checkpoints").arrays
+    summary = {k: [float(np.sum(v, dtype=np.float64)), float(np.sum(np.square(v, dtype=np.float64))),
+                   *[float(x) for x in np.ravel(v)[:4]]] for k, v in sorted(arrays.items())}
+    rounds = [stable(json.loads(line)) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return {"arrays": summary, "rounds": rounds}
+
+
+def assert_same(got, want, where="", tol=1e-6):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(set(got) ^ set(want))}"
+        for k in want:
+            assert_same(got[k], want[k], f"{where}/{k}", tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]", tol)
+    elif isinstance(want, float) and isinstance(got, (int, float)):
+        assert math.isclose(got, want, rel_tol=tol, abs_tol=tol) or (math.isnan(got) and math.isnan(want)), \
+            f"{where}: {got!r} != {want!r}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_seeded_federation_matches_its_golden_record(name, mini_consortium, tmp_path, monkeypatch):
+    got = run_case(name, mini_consortium, tmp_path, monkeypatch)
+    path = os.path.join(GOLDEN, f"{name}.json")
+    if os.environ.get("HLIP_FED_GOLDEN") == "write":
+        with open(path, "w") as f:
+            json.dump(got, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(path) as f:
+        want = json.load(f)
+    assert_same(json.loads(json.dumps(got)), want, name)
