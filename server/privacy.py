@@ -1,9 +1,9 @@
 """Central differential privacy for hlip-fed: Flower's server-side fixed-clipping wrapper, fed
 only screened replies, with the privacy spent accounted per round and kept across a resume.
 
-``federation.dp=server_fixed`` builds, in method order,
+``federation.dp=server_fixed`` builds, each holding the next,
 
-    HlipStrategy (screening, bounded waiting, round offset, fp32, round record)
+    HlipStrategy (screening, bounded waiting, round offset, fp32, round record; server.strategy)
       -> ScreenedFixedClipping (Flower's DifferentialPrivacyServerSideFixedClipping)
         -> FedAvg or FedProx, unweighted
 
@@ -35,7 +35,6 @@ Why this order and these changes to how Flower's wrapper is used:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 from collections.abc import Iterable
@@ -112,6 +111,23 @@ class ScreenedFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             metrics = MetricRecord({k: v for k, v in metrics.items() if k != WEIGHT_KEY})
         return arrays, metrics
 
+    def round_privacy(self, server_round: int, released: bool, update_norms: dict[str, float]) -> dict:
+        """The round record's privacy entries after a round (``released``: a model went out),
+        and the accountant's ledger so far."""
+        released = released and self.last_noise_std is not None
+        record = {
+            **privacy.spent(self.accountant),
+            "noise_multiplier": self.noise_multiplier,
+            "accounted_multiplier": privacy.accounted_multiplier(self.noise_multiplier),
+            "clipping_norm": self.clipping_norm,
+            "noise_std": self.last_noise_std if released else 0.0,
+            "sites": self.num_sampled_clients if released else 0,
+            "clipped": sum(1 for v in update_norms.values() if v > self.clipping_norm),
+        }
+        log.info("round %d: privacy spent epsilon=%.4g at delta=%g after %d private rounds",
+                 server_round, record["epsilon"], record["delta"], record["releases"])
+        return {"privacy": record, privacy.LEDGER_KEY: privacy.ledger(self.accountant)}
+
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
         rng = np.random.default_rng(secrets.randbits(128))
@@ -125,36 +141,11 @@ class ScreenedFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         return ArrayRecord(noisy)
 
 
-class PrivateStrategy:
-    """Mixin after :class:`~server.strategy.HlipStrategy`: the privacy record of every round."""
-
-    def aggregate_train(self, server_round: int, replies):
-        self.last_noise_std = None
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        released = arrays is not None and self.last_noise_std is not None
-        norms = self.round_record.get("update_norms", {})
-        self.round_record["privacy"] = {
-            **privacy.spent(self.accountant),
-            "noise_multiplier": self.noise_multiplier,
-            "accounted_multiplier": privacy.accounted_multiplier(self.noise_multiplier),
-            "clipping_norm": self.clipping_norm,
-            "noise_std": self.last_noise_std if released else 0.0,
-            "sites": self.num_sampled_clients if released else 0,
-            "clipped": sum(1 for v in norms.values() if v > self.clipping_norm),
-        }
-        self.round_record[privacy.LEDGER_KEY] = privacy.ledger(self.accountant)
-        p = self.round_record["privacy"]
-        log.info("round %d: privacy spent epsilon=%.4g at delta=%g after %d private rounds",
-                 server_round + self.offset, p["epsilon"], p["delta"], p["releases"])
-        return arrays, metrics
-
-
-def build_private_strategy(base, fed: FederationConfig, expected: dict, offset: int, common: dict, extra: dict,
-                           known_nodes: Iterable[int] = (), ledger: dict | None = None):
-    """The strategy of ``federation.dp=server_fixed`` (see the module docstring); ``ledger`` is the
-    privacy ledger of the checkpoint a run resumes from."""
-    from server.strategy import HlipStrategy
-
+def build_private_strategy(base, fed: FederationConfig, offset: int, common: dict, extra: dict,
+                           ledger: dict | None = None) -> ScreenedFixedClipping:
+    """Flower's fixed-clipping wrapper of ``federation.dp=server_fixed`` around an unweighted
+    ``base`` (FedAvg or FedProx); ``ledger`` is the privacy ledger of the checkpoint a run
+    resumes from."""
     if base not in (FedAvg, FedProx):
         raise HlipError(f"federation.dp needs strategy fedavg or fedprox, not {fed.strategy!r}")
     accountant = privacy.make_accountant(fed.dp_delta, fed.min_nodes, fed.dp_max_epsilon)
@@ -164,8 +155,5 @@ def build_private_strategy(base, fed: FederationConfig, expected: dict, offset: 
         raise HlipError(f"resuming after round {offset} without the checkpoint's privacy ledger: "
                         "the privacy spent so far is unknown")
     inner = base(**common, **extra, weighted_by_key=WEIGHT_KEY)
-    cls = type(f"HlipDP{base.__name__}", (PrivateStrategy, HlipStrategy, ScreenedFixedClipping), {})
-    strategy = cls(inner, fed.dp_noise_multiplier, fed.dp_clipping_norm, fed.min_nodes, accountant=accountant)
-    # Relative norm screening depends on the other sites' updates: off here (module docstring).
-    strategy.setup(expected, offset, dataclasses.replace(fed, max_update_ratio=0.0), known_nodes)
-    return strategy
+    return ScreenedFixedClipping(inner, fed.dp_noise_multiplier, fed.dp_clipping_norm, fed.min_nodes,
+                                 accountant=accountant)

@@ -1,7 +1,9 @@
 """Flower strategies wrapped for hlip-fed: screened replies, bounded waits, resumable rounds.
 
-``build_strategy`` takes a Flower Message-API strategy named by ``federation.strategy`` (robust
-aggregation: ``fedmedian`` or ``fedtrimmedavg``) and adds through :class:`HlipStrategy`:
+``build_strategy`` makes the Flower Message-API strategy named by ``federation.strategy`` (robust
+aggregation: ``fedmedian`` or ``fedtrimmedavg``; with ``federation.dp`` Flower's fixed-clipping
+wrapper around it, :mod:`server.privacy`) and hands it to :class:`HlipStrategy`, a Flower
+strategy that holds it and adds:
 
 * replies sent in ``federation.transport`` fp16/bf16, or as deltas, are decoded to fp32 weights
   first (:func:`~hlip_fed.federation.transport.decode_replies`), so screening and every
@@ -20,6 +22,7 @@ aggregation: ``fedmedian`` or ``fedtrimmedavg``) and adds through :class:`HlipSt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -28,13 +31,14 @@ from contextlib import contextmanager
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import aggregate_site_metrics
 from hlip_fed.federation.screen import screen_replies, screen_update_norms
 from hlip_fed.federation.transport import decode_replies
+from server.privacy import ScreenedFixedClipping, build_private_strategy
 
 log = logging.getLogger("hlip_fed.server")
 
@@ -79,38 +83,43 @@ def wait_for_nodes(
     )
 
 
-class HlipStrategy:
-    """Mixin placed before a Flower strategy class (see :func:`build_strategy`)."""
+class HlipStrategy(Strategy):
+    """The Flower strategy ``inner`` with screened replies, bounded waits, a round offset, fp32
+    aggregates and a record of every round (``round_record``)."""
 
-    def setup(self, expected: dict[str, tuple[int, ...]], offset: int, fed: FederationConfig,
-              known_nodes: Iterable[int] = (), max_examples: float | None = None) -> None:
-        self.expected, self.offset, self.fed = expected, offset, fed
+    def __init__(self, inner: Strategy, fed: FederationConfig, expected: dict[str, tuple[int, ...]], offset: int,
+                 known_nodes: Iterable[int] = (), max_examples: float | None = None) -> None:
+        self.inner, self.fed, self.expected, self.offset = inner, fed, expected, offset
         self.max_examples = max_examples  # what an honest site can train on in a round
         self.round_record: dict = {}
         self.known_nodes: set[int] = set(known_nodes)  # every node that took part, for messages
         self._sent: dict[str, int] = {}  # message id -> destination node, for SuperLink errors
         self._global: dict[str, np.ndarray] = {}
 
+    def summary(self) -> None:
+        self.inner.summary()
+
     @contextmanager
     def _attendance(self, grid: Grid, what: str, server_round: int):
         """Let Flower's sampler see a reachable minimum: the sites connected after a bounded wait."""
-        needed = self.min_available_nodes
+        inner = self.inner
+        needed = inner.min_available_nodes
         nodes = wait_for_nodes(grid, needed, self.fed.quorum, self.fed.node_wait_s, self.known_nodes)
         self.known_nodes.update(nodes)
-        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
+        saved = (inner.min_available_nodes, inner.min_train_nodes, inner.min_evaluate_nodes)
         if len(nodes) < needed:
             absent = sorted(self.known_nodes - set(nodes))
             log.warning("round %d: %s with %d of %d sites after waiting %gs; absent nodes: %s",
                         server_round + self.offset, what, len(nodes), needed, self.fed.node_wait_s,
                         absent or "none known")
             self.round_record.setdefault("absent", absent)
-            self.min_available_nodes = min(self.min_available_nodes, len(nodes))
-            self.min_train_nodes = min(self.min_train_nodes, len(nodes))
-            self.min_evaluate_nodes = min(self.min_evaluate_nodes, len(nodes))
+            inner.min_available_nodes = min(inner.min_available_nodes, len(nodes))
+            inner.min_train_nodes = min(inner.min_train_nodes, len(nodes))
+            inner.min_evaluate_nodes = min(inner.min_evaluate_nodes, len(nodes))
         try:
             yield
         finally:
-            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+            inner.min_available_nodes, inner.min_train_nodes, inner.min_evaluate_nodes = saved
 
     def _remember(self, messages: Iterable[Message]) -> list[Message]:
         """Keep the messages sent; Flower's grid stamps their ids when it pushes them."""
@@ -134,9 +143,16 @@ class HlipStrategy:
         self.round_record, self._sent = {}, {}
         self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
         with self._attendance(grid, "training", server_round):
-            return self._remember(super().configure_train(server_round + self.offset, arrays, config, grid))
+            return self._remember(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies):
+        arrays, metrics = self._aggregate_train(server_round, replies)
+        if isinstance(self.inner, ScreenedFixedClipping):
+            self.round_record.update(self.inner.round_privacy(server_round + self.offset, arrays is not None,
+                                                              self.round_record.get("update_norms", {})))
+        return arrays, metrics
+
+    def _aggregate_train(self, server_round: int, replies):
         # Compressed replies (fp16/bf16, deltas) become fp32 weights before anything judges them.
         replies, undecodable = decode_replies(list(replies), self._global, self.fed.transport,
                                               self.fed.send_deltas, node_of=self._node_of)
@@ -168,7 +184,7 @@ class HlipStrategy:
         if not good:
             log.warning("round %d: no usable update; the global model stays as it was", server_round + self.offset)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round + self.offset, good)
+        arrays, metrics = self.inner.aggregate_train(server_round + self.offset, good)
         if arrays is not None:
             # fp32 in the federated shapes (FedOpt returns float64 and turns 0-d scalars into 1-d).
             arrays = ArrayRecord(
@@ -199,7 +215,7 @@ class HlipStrategy:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._sent = {}
         with self._attendance(grid, "evaluation", server_round):
-            return self._remember(super().configure_evaluate(server_round + self.offset, arrays, config, grid))
+            return self._remember(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
         good, rejected = screen_replies(list(replies), None, node_of=self._node_of)
@@ -218,7 +234,7 @@ class HlipStrategy:
         """The strategy's own state worth checkpointing (FedOpt's first and second moments)."""
         out = {}
         for name in ("m_t", "v_t"):
-            for k, v in (getattr(self, name, None) or {}).items():
+            for k, v in (getattr(self.inner, name, None) or {}).items():
                 out[f"{name}/{k}"] = np.asarray(v)
         return out
 
@@ -226,7 +242,7 @@ class HlipStrategy:
         for name in ("m_t", "v_t"):
             moments = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
             if moments:
-                setattr(self, name, moments)
+                setattr(self.inner, name, moments)
 
 
 def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None,
@@ -252,13 +268,13 @@ def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: di
         extra["beta"] = max(fed.trim_fraction, 1.0 / fed.min_nodes + 1e-9)
         if extra["beta"] >= 0.5:
             raise HlipError(f"fedtrimmedavg needs at least 3 sites (federation.min_nodes={fed.min_nodes})")
-    if fed.dp != "off":  # central DP wraps Flower's DP strategy around an unweighted FedAvg/FedProx
-        from server.privacy import build_private_strategy
-
-        return build_private_strategy(base, fed, expected, offset, common, extra, known_nodes, privacy_ledger)
-    cls = type(f"Hlip{base.__name__}", (HlipStrategy, base), {})
-    strategy = cls(**common, **extra)
-    strategy.setup(expected, offset, fed, known_nodes, max_examples)
+    if fed.dp != "off":  # central DP: Flower's fixed-clipping wrapper around an unweighted FedAvg/FedProx
+        inner = build_private_strategy(base, fed, offset, common, extra, privacy_ledger)
+        # Relative norm screening depends on the other sites' updates: off here (server/privacy.py).
+        fed, max_examples = dataclasses.replace(fed, max_update_ratio=0.0), None
+    else:
+        inner = base(**common, **extra)
+    strategy = HlipStrategy(inner, fed, expected, offset, known_nodes, max_examples)
     if state:
         strategy.load_state_arrays(state)
     return strategy

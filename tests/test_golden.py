@@ -51,8 +51,12 @@ def run_case(name, consortium, tmp_path, monkeypatch):
     rc = {"data-root": str(consortium), "run-dir": str(tmp_path / name), "config": "", "overrides": overrides}
     from server.app import main as server_main
 
-    server_main(InProcessGrid(rc, run_id=31), Context(run_id=31, node_id=0, node_config={}, state=RecordDict(),
-                                                      run_config=rc))
+    run_id = 900 + list(CASES).index(name)  # sites are cached per run: no other test's run id
+    try:
+        server_main(InProcessGrid(rc, run_id=run_id), Context(run_id=run_id, node_id=0, node_config={},
+                                                              state=RecordDict(), run_config=rc))
+    finally:
+        _SITES.clear()
     arrays = load_latest(tmp_path / name / "checkpoints").arrays
     summary = {k: [float(np.sum(v, dtype=np.float64)), float(np.sum(np.square(v, dtype=np.float64))),
                    *[float(x) for x in np.ravel(v)[:4]]] for k, v in sorted(arrays.items())}

@@ -145,7 +145,7 @@ def test_a_round_goes_ahead_with_the_connected_sites_after_the_wait():
                                  ConfigRecord({}), FakeGrid([1, 2]))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
     assert s.round_record["absent"] == [3]
-    assert s.min_train_nodes == 3  # the lowered minimum was for this round only
+    assert s.inner.min_train_nodes == 3  # the lowered minimum was for this round only
 
 
 def test_config_validates_the_new_keys():

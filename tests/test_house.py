@@ -1,0 +1,90 @@
+"""The house rules that code review cannot keep by eye: no import cycle between the project's
+modules, the library's Flower imports, and the Flower internals the server relies on pinned to
+the Flower release they were written against (an upgrade that changes them fails here first)."""
+
+import ast
+import graphlib
+import inspect
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("hlip_fed", "server", "client", "simulations", "benchmarks")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every module a file imports, at module level or inside functions (relative ones resolved)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def test_the_project_imports_form_no_cycle():
+    mods = modules()
+    graph = {name: {m for m in imports_of(path, name) if m in mods and m != name} for name, path in mods.items()}
+    # A package's __init__ importing its own submodules is not a cycle of the code that uses it.
+    graph = {n: {m for m in deps if not (n == m.rpartition(".")[0] and (ROOT / n.replace(".", "/") / "__init__.py").exists())}
+             for n, deps in graph.items()}
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_the_library_uses_flower_only_for_records_packaging_and_privacy_accounting():
+    allowed = ("flwr.app", "flwr.common.record", "flwr.cli", "flwr.supercore.privacy_accounting")
+    bad = {}
+    for name, path in modules().items():
+        if name.split(".")[0] != "hlip_fed":
+            continue
+        used = {m for m in imports_of(path, name) if m == "flwr" or m.startswith("flwr.")}
+        wrong = sorted(m for m in used if not m.startswith(allowed))
+        if wrong:
+            bad[name] = wrong
+    assert not bad, f"the library imports Flower's runtime: {bad}"
+
+
+def test_flower_strategy_internals_used_by_the_server_are_those_of_flower_1_42():
+    """server/privacy.py subclasses Flower's server-side fixed-clipping wrapper and overrides or
+    reads the names below; each must still exist with the signature it was written against."""
+    from flwr.app import ArrayRecord
+    from flwr.serverapp import RdpAccountant
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as Wrapper
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.differential_privacy import compute_stdv
+
+    assert version("flwr").startswith("1.42."), "server/privacy.py was written against Flower 1.42: re-check it"
+    assert list(inspect.signature(Wrapper._prepare_accounting).parameters) == ["self", "server_round", "messages"]
+    assert list(inspect.signature(Wrapper._add_noise_to_aggregated_arrays).parameters) == ["self", "aggregated_arrays"]
+    assert list(inspect.signature(compute_stdv).parameters) == ["noise_multiplier", "clipping_norm", "num_sampled_clients"]
+    from hlip_fed.federation.privacy import make_accountant
+
+    accountant = make_accountant(1e-5, 3)
+    assert isinstance(accountant, RdpAccountant)
+    wrapper = Wrapper(FedAvg(), 1.0, 1.0, 3, accountant=accountant)
+    for attribute in ("_pending_events", "current_arrays", "num_sampled_clients", "noise_multiplier", "clipping_norm",
+                      "accountant", "strategy"):
+        assert hasattr(wrapper, attribute), attribute
+    assert isinstance(wrapper._pending_events, dict) and isinstance(wrapper.current_arrays, ArrayRecord)
+    # The wrapper accounts only when its inner strategy aggregates as FedAvg does.
+    assert "aggregate_train" in vars(FedAvg)
