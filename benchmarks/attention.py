@@ -19,8 +19,8 @@ Every row carries the FLOP bound: total multiply-adds of the same forward pass w
 divided by those of the layout (see :func:`forward_macs`); backward costs a fixed multiple of the
 forward per operation, so the bound holds for forward + backward.
 
-    python benchmarks/attention.py --json attention.json                   # CPU default, minutes
-    python benchmarks/attention.py --device cuda --json attention-gpu.json # ViT-B presets, 12 blocks
+    python -m benchmarks.attention --json attention.json                   # CPU default, minutes
+    python -m benchmarks.attention --device cuda --json attention-gpu.json # ViT-B presets, 12 blocks
 
 The CPU default runs two models: a bound- and memory-preserving scale model of ViT-B (width 192,
 12 heads, 294 tokens per scan of 8x8x8 voxels: the same attention/linear FLOP ratio and the same ratio of attention
@@ -45,10 +45,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, mem_available_bytes, table, write_json  # noqa: E402
+from benchmarks.common import machine, mem_available_bytes, table, write_json
 
 PERIODS = {"h2": ["scan", "scan", "study"], "h3": ["slice", "scan", "study"]}
 
@@ -265,7 +263,7 @@ def run_in_child(job: Job, timeout: float) -> dict:
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(job))]
+    cmd = [sys.executable, "-m", "benchmarks.attention", "--child", json.dumps(asdict(job))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """Is the consortium learnable at its size? A supervised 3D CNN reference, held-out AUC per finding.
 
-    python benchmarks/cnn_reference.py DATA [--steps 1500] [--every 300] [--sites a,b] [--json OUT]
+    python -m benchmarks.cnn_reference DATA [--steps 1500] [--every 300] [--sites a,b] [--json OUT]
 
 The pre-training benchmark asks what the HLIP tower learns; this one asks what a plain supervised
 learner with a convolutional prior learns from the same studies, which bounds what pre-training
@@ -28,8 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
-from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, supervised_steps  # noqa: E402
+from benchmarks.common import machine, table, write_json
+from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, supervised_steps
 
 
 class ConvReference(nn.Module):

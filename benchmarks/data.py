@@ -7,7 +7,7 @@ each augmentation preset (``data.augment``). Then the cost of each augmentation 
 study of two scans at the model's size, the transform forced on. Prints markdown tables and, with
 ``--json OUT``, writes the figures.
 
-    python benchmarks/data.py --studies 8 --json data-bench.json
+    python -m benchmarks.data --studies 8 --json data-bench.json
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ Three measurements:
 Bytes sent per site per round are read from the run's ``metrics.jsonl``; the same figure for the
 paper-sized presets is computed from their federated parameter groups.
 
-    python benchmarks/federation.py --data data/demo --json federation.json
-    python benchmarks/federation.py --quick --json /tmp/fed.json   # smoke test
+    python -m benchmarks.federation --data data/demo --json federation.json
+    python -m benchmarks.federation --quick --json /tmp/fed.json   # smoke test
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import TreeMemorySampler, machine, table, write_json  # noqa: E402
-from simulations.toy_consortium import write_consortium  # noqa: E402
+from benchmarks.common import TreeMemorySampler, machine, table, write_json
+from simulations.toy_consortium import write_consortium
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEXT = [  # a one-layer random BERT on MiniLM's vocabulary (the tests' text tower)
@@ -354,7 +352,7 @@ def process_per_message(data: Path, run: Path, sites: int, overrides: list[str],
         spec = json.dumps({"rc": rc, "sites": sites, "arrays": str(path), "round": r, "threads": threads})
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-round", spec],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.federation", "--child-round", spec],
                              capture_output=True, text=True, env=env, cwd=ROOT)
         total = time.perf_counter() - t
         if out.returncode != 0:

@@ -1,6 +1,6 @@
 """What the model sees: sharpness, saturated bone and a bleed's visibility at the model input.
 
-    python benchmarks/inputs.py DATA [--overrides "data.fit=crop data.target_spacing=[5,2.4,2.4]"] [--studies 40] [--json OUT]
+    python -m benchmarks.inputs DATA [--overrides "data.fit=crop data.target_spacing=[5,2.4,2.4]"] [--studies 40] [--json OUT]
 
 Preprocesses scans of every cohort of a phantom consortium (up to ``--studies`` studies each; all
 held-out CT studies) as training would, and reports on the [0, 1] intensity scale:
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
+from benchmarks.common import machine, table, write_json
 
 BLOOD = (0.68, 0.9)
 

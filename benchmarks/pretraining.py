@@ -1,6 +1,6 @@
 """What pooled contrastive pre-training learns on a consortium, measured along the way.
 
-    python benchmarks/pretraining.py DATA [--steps 800] [--every 100] [--overrides "..."] [--json OUT]
+    python -m benchmarks.pretraining DATA [--steps 800] [--every 100] [--overrides "..."] [--json OUT]
 
 Trains one model on every site's training studies together (the ``pooled`` reference of
 ``simulations.compare``) and, every ``--every`` steps, reports on the held-out set:
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
+from benchmarks.common import machine, table, write_json
 
 
 def add_run_args(parser: argparse.ArgumentParser, steps: int, every: int, overrides: str = "") -> None:

@@ -1,7 +1,7 @@
 """Learnability of the phantom consortium: a simple supervised probe per finding.
 
-    python benchmarks/synth_probe.py DIR            # an existing consortium
-    python benchmarks/synth_probe.py --generate DIR # generate the benchmark preset first
+    python -m benchmarks.synth_probe DIR            # an existing consortium
+    python -m benchmarks.synth_probe --generate DIR # generate the benchmark preset first
 
 Reads every study through the project's reader and preprocessing (the tiny model's 32x96x96
 input), fits one logistic regression per finding on generic image statistics and prints held-out

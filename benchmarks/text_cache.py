@@ -14,7 +14,7 @@ over the warm rounds, the speed-up, and the share of the uncached round that the
 the site evaluates the trained model on its test split with the consortium's prompts, as the
 federation's evaluate message does: its time, and whether both variants' metrics agree.
 
-    python benchmarks/text_cache.py --data data/demo --json text-cache.json
+    python -m benchmarks.text_cache --data data/demo --json text-cache.json
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
+from benchmarks.common import machine, table, write_json
 
 TINY_TEXT = [
     "model.text.pretrained=false",

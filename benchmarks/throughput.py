@@ -28,7 +28,7 @@ profile of where a step's time goes, by operation (torch.profiler, self time): d
 patch embedding, attention (QKV, kernel, output projection), MLP, norms, token regrouping and
 copies, loss and projections, optimiser (clipping included), other.
 
-    python benchmarks/throughput.py --data data/demo --json throughput.json
+    python -m benchmarks.throughput --data data/demo --json throughput.json
 """
 
 from __future__ import annotations
@@ -36,18 +36,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import ModelSpec, forward_macs  # noqa: E402
-from benchmarks.common import machine, table, write_json  # noqa: E402
+from benchmarks.attention import ModelSpec, forward_macs
+from benchmarks.common import machine, table, write_json
 
 CATEGORIES = ("data", "text side", "patch embedding", "attention", "MLP", "norms", "regrouping and copies",
               "loss and projections", "optimiser", "other")

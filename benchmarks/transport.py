@@ -13,7 +13,7 @@ the same bits, so every difference below comes from the transport. Reported per 
   from the initial model: ``|w_t - w_fp32| / |w_fp32 - w_0|`` (global L2 norms over the federated
   arrays). This is the comparison that does not depend on whether the model learned anything.
 
-    python benchmarks/transport.py --data data/demo --json transport.json
+    python -m benchmarks.transport --data data/demo --json transport.json
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
+from benchmarks.common import machine, table, write_json
 
 TRANSPORTS = [("fp32", False), ("fp16", True), ("bf16", True), ("fp16", False)]
 TINY_TEXT = [
