@@ -43,11 +43,18 @@ DEFAULT_TEMPLATE = "{}"
 
 
 @torch.no_grad()
-def embed_images(model: HLIP, loader: Iterable, device: str = "cpu") -> tuple[torch.Tensor, list[str], list[str]]:
-    """Normalised study embeddings ``[N, E]``, the study ids and reports, in loader order."""
+def embed_images(model: HLIP, loader: Iterable, device: str = "cpu",
+                 desc: str = "embedding") -> tuple[torch.Tensor, list[str], list[str]]:
+    """Normalised study embeddings ``[N, E]``, the study ids and reports, in loader order.
+
+    The one path by which studies become embeddings (evaluation, inference, retrieval, probes):
+    ``loader`` yields :func:`~hlip_fed.data.dataset.collate_studies` batches; an empty batch
+    (every study of it unreadable) is passed over."""
     model.eval()
     feats, ids, reports = [], [], []
-    for images, scan_mask, batch_reports, batch_ids in progress(loader, desc="embedding", unit="batch"):
+    for images, scan_mask, batch_reports, batch_ids in progress(loader, desc=desc, unit="batch"):
+        if not batch_ids:
+            continue
         feats.append(model.encode_image(images.to(device), scan_mask.to(device)).float().cpu())
         ids.extend(batch_ids)
         reports.extend(batch_reports)

@@ -104,14 +104,16 @@ def _batch(tensors: list[torch.Tensor], idx) -> tuple[torch.Tensor, torch.Tensor
     return images, mask
 
 
-@torch.no_grad()
 def embed_tensors(model, tensors: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
-    model.eval()
-    out = []
-    for i in range(0, len(tensors), batch_size):
-        images, mask = _batch(tensors, range(i, min(i + batch_size, len(tensors))))
-        out.append(model.encode_image(images, mask).float())
-    return torch.cat(out)
+    """Normalised embeddings of studies already in memory, in order."""
+    from torch.utils.data import DataLoader
+
+    from hlip_fed.data.dataset import collate_studies
+    from hlip_fed.evaluate import embed_images
+
+    loader = DataLoader([(t, "", str(i)) for i, t in enumerate(tensors)], batch_size=batch_size,
+                                         collate_fn=collate_studies)
+    return embed_images(model, loader, desc="embedding labelled studies")[0]
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

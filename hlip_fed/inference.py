@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from hlip_fed.config import DataConfig
 from hlip_fed.data.errors import DataError
@@ -201,38 +202,46 @@ def load_study_tensor(study: Study, data_cfg, img_size) -> tuple[torch.Tensor, l
     return torch.stack(tensors), volumes
 
 
-@torch.no_grad()
+class StudyTensors(Dataset):
+    """The preprocessed tensors of ``studies`` for a DataLoader: ``(tensor, "", study_id)``, or
+    ``(None, reason, study_id)`` for a study none of whose scans can be read."""
+
+    def __init__(self, studies: list[Study], data_cfg, img_size):
+        self.studies, self.data_cfg, self.img_size = studies, data_cfg, img_size
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, index: int):
+        study = self.studies[index]
+        try:
+            return load_study_tensor(study, self.data_cfg, self.img_size)[0], "", study.study_id
+        except DataError as exc:
+            return None, str(exc), study.study_id
+
+
 def embed_studies(model, studies: list[Study], data_cfg, batch_size: int = 8, device: str = "cpu",
                   desc: str = "embedding studies") -> tuple[torch.Tensor, list[Study], dict[str, str]]:
     """Normalised embeddings ``[M, E]`` of the readable studies, those studies, and the skipped
     ones (``id -> reason``). An unreadable study is skipped rather than ending a batch run over a
     site; the caller decides whether an empty result is an error."""
     from hlip_fed.data.dataset import collate_studies
-    from hlip_fed.progress import progress
+    from hlip_fed.evaluate import embed_images
 
-    model.eval()
-    img_size = model.cfg.vision.img_size
-    feats, kept, skipped, batch = [], [], {}, []
+    skipped: dict[str, str] = {}
 
-    def flush():
-        if batch:
-            images, mask, _, _ = collate_studies([(t, "", s.study_id) for t, s in batch])
-            feats.append(model.encode_image(images.to(device), mask.to(device)).float().cpu())
-            kept.extend(s for _, s in batch)
-            batch.clear()
+    def collate_readable(items):
+        for tensor, reason, study_id in items:
+            if tensor is None:
+                skipped[study_id] = reason
+        readable = [item for item in items if item[0] is not None]
+        return collate_studies(readable) if readable else (None, None, [], [])
 
-    for study in progress(studies, desc=desc, unit="study"):
-        try:
-            tensor, _ = load_study_tensor(study, data_cfg, img_size)
-        except DataError as exc:
-            skipped[study.study_id] = str(exc)
-            continue
-        batch.append((tensor, study))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    emb = torch.cat(feats) if feats else torch.zeros(0, model.cfg.embed_dim)
-    return emb, kept, skipped
+    loader = DataLoader(StudyTensors(studies, data_cfg, model.cfg.vision.img_size),
+                                         batch_size=batch_size, collate_fn=collate_readable)
+    emb, ids, _ = embed_images(model, loader, device, desc=desc)
+    by_id = {s.study_id: s for s in studies}
+    return emb, [by_id[i] for i in ids], skipped
 
 
 def split_labels(text: str) -> list[str]:

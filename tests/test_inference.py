@@ -263,3 +263,25 @@ def test_the_probe_becomes_a_head_with_the_same_probabilities():
         assert np.allclose(probs, probe.predict_proba(x), atol=1e-5)
     assert probe_head(LogisticRegression().fit(x, rng.integers(0, 2, 60)), 3) is None  # a class never drawn
     assert probe_head(None, 2) is None
+
+
+def test_an_unreadable_study_is_skipped_and_the_others_embed_as_they_do_alone(mini_consortium, tiny_cfg, tmp_path):
+    import dataclasses
+    import shutil
+
+    from hlip_fed.inference import embed_studies, find_studies
+    from hlip_fed.model import create_model
+
+    model = create_model(dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(
+        tiny_cfg.model.vision, img_size=[16, 32, 32])), seed=0)
+    broken = tmp_path / "broken"
+    shutil.copytree(mini_consortium / "sites" / "site0" / "train" / "s0-train-1", broken)
+    for scan in broken.glob("*.nii*"):
+        scan.write_bytes(b"not a NIfTI file")
+    studies = find_studies([mini_consortium / "sites" / "site0"], split="train")
+    mixed = studies[:2] + find_studies([broken]) + studies[2:]
+    emb, kept, skipped = embed_studies(model, mixed, tiny_cfg.data, batch_size=2)
+    assert [s.study_id for s in kept] == [s.study_id for s in studies]
+    assert list(skipped) == ["broken"] and "broken" in skipped["broken"]
+    alone = torch.cat([embed_studies(model, [s], tiny_cfg.data)[0] for s in studies])
+    torch.testing.assert_close(emb, alone, atol=1e-5, rtol=1e-4)
