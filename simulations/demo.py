@@ -2,9 +2,10 @@
 
 1. generates the demo consortium (``hlip-fed synth --preset demo``) unless it exists,
 2. writes a project-local Flower home with one simulated SuperNode per site,
-3. runs ``flwr run . local-simulation --stream`` (progress streams to the terminal),
+3. runs ``flwr run . local-simulation --stream`` with Flower's log going to ``RUN/flower.log``,
+   printing one line of the round table per round as the run records it,
 4. judges the run by the files it wrote (``flwr run --stream`` exits 0 even when the ServerApp
-   fails) and prints the round table,
+   fails; then the end of Flower's log is shown),
 5. trains the reference points at equal compute — one pooled model on every site's data and each
    site alone (see :mod:`simulations.compare`) — and prints federated vs pooled vs local on the
    held-out set, then where the checkpoint, metrics and plot are.
@@ -16,10 +17,11 @@ import argparse
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.report import format_round_table, plot_run, read_rounds
+from hlip_fed.report import plot_run, read_rounds, round_table
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,49 @@ def ensure_consortium(data: Path, seed: int) -> None:
 
     print(f"generating the demo consortium in {data} ...")
     build_consortium(data, "demo", seed=seed)
+
+
+class RoundLines:
+    """The round table of a run, a line at a time: each call gives the lines of the rounds that
+    ``metrics.jsonl`` gained since the last call (the header before the first)."""
+
+    def __init__(self, run: Path):
+        self.run, self.shown, self.widths = run, set(), None
+
+    def new_lines(self) -> list[str]:
+        try:
+            rounds = read_rounds(self.run)
+        except ValueError:  # a line being written: read it at the next call
+            return []
+        header, rows = round_table(rounds)
+        lines = []
+        if self.widths is None and rows:
+            self.widths = [max(len(h), 6) for h in header]
+            lines.append("  ".join(h.rjust(w) for h, w in zip(header, self.widths)))
+        for record, row in zip(rounds, rows):
+            if record["round"] not in self.shown:
+                self.shown.add(record["round"])
+                lines.append("  ".join(c.rjust(w) for c, w in zip(row, self.widths)))
+        return lines
+
+
+def federate(cmd: list[str], env: dict, run: Path, poll_s: float = 0.5) -> None:
+    """Run ``cmd`` (``flwr run``) with its output in ``RUN/flower.log``, printing round lines."""
+    run.mkdir(parents=True, exist_ok=True)
+    follow = RoundLines(run)
+    with open(run / "flower.log", "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                for line in follow.new_lines():
+                    print(line, flush=True)
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    for line in follow.new_lines():
+        print(line, flush=True)
 
 
 def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> None:
@@ -70,17 +115,19 @@ def main() -> int:
     write_flower_home(home, len(sites))
     overrides = f"federation.min_nodes={len(sites)} {args.overrides}".strip()
     run_config = f"config='demo' data-root='{data}' run-dir='{run}' overrides='{overrides}'"
-    print(f"federating {len(sites)} sites: {', '.join(s.name for s in sites)}")
+    print(f"federating {len(sites)} sites: {', '.join(s.name for s in sites)} (Flower's log: {run / 'flower.log'})",
+          flush=True)
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local-simulation", "--stream", "--run-config", run_config]
     try:
-        subprocess.run(cmd, cwd=ROOT, env=flower_env(home), check=False)
+        federate(cmd, flower_env(home), run)
     finally:
         stop_local_superlink(home, signal.SIGTERM)  # `flwr run` leaves it running
-    rounds = read_rounds(run)
-    if not rounds or not (run / "model" / "model.safetensors").exists():
-        print(f"the federated run did not complete: see the log above and {run}", file=sys.stderr)
+    if not read_rounds(run) or not (run / "model" / "model.safetensors").exists():
+        tail = (run / "flower.log").read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"the federated run did not complete: the end of its log is above; all of it in {run / 'flower.log'}",
+              file=sys.stderr)
         return 1
-    print("\n" + format_round_table(rounds))
     plot_run(run)
     if not args.no_baselines:
         compare_with_baselines(data, run, overrides, args.seed)

@@ -103,3 +103,34 @@ def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
         data = json.loads((out / "model_card.json").read_text())
         assert len(data["departures_from_hlip"]) == len(expected)
         assert all(e in card for e in expected) and (("departs from HLIP" in card) == bool(expected))
+
+
+def test_the_demo_prints_each_round_once_as_it_is_recorded_and_keeps_flowers_log(tmp_path, capsys):
+    import sys
+
+    from hlip_fed.report import format_round_table, read_rounds
+    from simulations.demo import RoundLines, federate
+
+    run = fake_run(tmp_path / "run", rounds=2)
+    follow = RoundLines(run)
+    first = follow.new_lines()
+    assert len(first) == 3 and first[0].split()[0] == "round"  # header and two rounds
+    assert follow.new_lines() == []
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train": {"train-lo')  # a line being written is read later
+    assert follow.new_lines() == []
+    full = fake_run(tmp_path / "full", rounds=3)
+    (run / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text())
+    assert [line.split()[0] for line in follow.new_lines()] == ["3"]
+    # The same figures as the report's table.
+    assert [r.split() for r in first[1:]] == [r.split() for r in format_round_table(read_rounds(run)[:2]).splitlines()[1:]]
+
+    # A run's chatter goes to RUN/flower.log; the terminal gets the round lines.
+    script = ("import json, sys, time\nprint('INFO : a Flower log line', flush=True)\n"
+              "for r in (1, 2):\n    open(sys.argv[1], 'a').write(json.dumps({'round': r}) + '\\n'); time.sleep(0.3)\n")
+    out = tmp_path / "live"
+    out.mkdir()
+    federate([sys.executable, "-c", script, str(out / "metrics.jsonl")], None, out, poll_s=0.05)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["round", "1", "2"]
+    assert "a Flower log line" in (out / "flower.log").read_text()
