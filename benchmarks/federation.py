@@ -261,7 +261,7 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
 
     from hlip_fed.federation.coordinator import Coordinator
     from hlip_fed.federation.run import config_from_run
-    from hlip_fed.report import plot_run
+    from hlip_fed.report import CurvePlotter
 
     rc = run_config(data, run, sites, rounds, overrides, preset)
     ends, phases, site_seconds, builds = [], [], [], []
@@ -271,6 +271,7 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(worker_threads,)) as pool:
         coord = Coordinator(cfg, run, str(data))
+        curves = CurvePlotter(run)  # as the ServerApp: drawn while the next round runs
         arrays = coord.initial_arrays()
         coord.evaluate_global(arrays)  # the ServerApp's initial evaluation (round 0)
         for r in range(1, rounds + 1):
@@ -290,11 +291,12 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
             record = {"train_sites": {str(i): m for i, (_, m) in enumerate(replies)},
                       "eval_sites": {str(i): e for i, e in enumerate(evals)}, "heldout": heldout}
             coord.end_round(r, arrays, record, {})
-            plot_run(run)
+            curves.request()
             p["server"] = time.perf_counter() - t
             p["checkpoint_plot"] = p["server"] - p["heldout"]
             ends.append(time.perf_counter())
             phases.append(p)
+        curves.close()
     return {
         "round_seconds": per_round(t0, ends),
         "phases": phases,

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
+
+from hlip_fed.atomic import write_atomic
+
+log = logging.getLogger(__name__)
 
 CURVES = (
     ("train", "train-loss", "local training loss"),
@@ -27,17 +33,16 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """Write the run's curves to ``curves.png`` (or ``out``); nothing before the first round."""
+    """Write the run's curves to ``curves.png`` (or ``out``) atomically; nothing before the first
+    round. Draws without pyplot's global state, so a background thread may call it."""
     rounds = read_rounds(run_dir)
     if not rounds:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    fig = Figure(figsize=(4 * len(CURVES), 3.2))
+    axes = fig.subplots(1, len(CURVES))
     for ax, (section, key, title) in zip(axes, CURVES):
         xs = [r["round"] for r in rounds if key in r.get(section, {})]
         ys = [r[section][key] for r in rounds if key in r.get(section, {})]
@@ -51,9 +56,41 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return path
+
+
+class CurvePlotter:
+    """Redraws a run's curves in a background thread, off the critical path of its rounds.
+
+    ``request`` asks for a drawing of what ``metrics.jsonl`` holds by then; requests made while a
+    drawing runs fold into one more. ``close`` waits for the last drawing. A failed drawing is
+    logged, never raised: the curves are a view of the run, not part of it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self._wanted, self._closing = threading.Event(), False
+        self._thread = threading.Thread(target=self._draw, name="curves", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def _draw(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                plot_run(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                log.warning("the curves of %s were not drawn: %s", self.run_dir, exc)
+            if self._closing and not self._wanted.is_set():
+                return
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
 
 
 # --- the round table, the run report and TensorBoard ------------------------------------------

@@ -17,9 +17,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.params import text_tower_hash
-from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
-from hlip_fed.report import plot_run
+from hlip_fed.report import CurvePlotter
 from server.grid import PromptGrid
 from server.strategy import build_strategy
 
@@ -40,14 +39,11 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log.warning("%s already holds %d completed rounds; nothing to do", out, coord.offset)
         return
-    # Nodes of the last completed round, so a stalled resume can say which sites it misses.
-    known = [int(n) for n in (coord.resumed.state.get("train_sites", {}) if coord.resumed else {})]
-    ledger = coord.resumed.state.get(PRIVACY_LEDGER) if coord.resumed else None  # DP accounting so far
-    per_round = cfg.federation.local_steps * cfg.train.grad_accum * cfg.train.batch_size  # an honest site's examples
-    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), known, ledger,
-                              max_examples=per_round)
+    strategy = build_strategy(cfg.federation, coord.expected, coord.offset, coord.strategy_state(), coord.known_nodes,
+                              coord.privacy_ledger, max_examples=coord.examples_per_round)
 
     grid = PromptGrid(grid, cfg.federation.poll_interval_s)
+    curves = CurvePlotter(out)  # drawn while the next round runs
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and coord.offset:
@@ -60,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
             timing = {"exchanges": grid.take_exchanges(), "heldout_started": started, "heldout_s": time.time() - started}
             record = dict(strategy.round_record, heldout=metrics, timing=timing)
             coord.end_round(server_round + coord.offset, tensors, record, strategy.state_arrays())
-            plot_run(out)
+            curves.request()
         return MetricRecord(metrics) if metrics else None
 
     text_tower = text_tower_hash(coord.model)
@@ -82,5 +78,7 @@ def main(grid: Grid, context: Context) -> None:
                     last.round if last else 0, cfg.federation.dp_max_epsilon)
         final = ArrayRecord(coord.initial_arrays() if last is None else
                             {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in last.arrays.items()})
+    finally:
+        curves.close()
     path = coord.finish(final.to_torch_state_dict())
     log.info("final global model saved to %s", path)

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.run import config_from_run, run_dir
-from hlip_fed.report import plot_run
+from hlip_fed.report import CurvePlotter
 
 log = logging.getLogger("hlip_fed.server")
 
@@ -103,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > 0:
             record = {"aggregation": "secagg+", "sites_in_sum": strategy.sites, "heldout": metrics}
             coord.end_round(server_round + offset, tensors, record, {})
-            plot_run(out)
+            curves.request()
         return 0.0, metrics
 
     initial = [v.numpy() for v in coord.initial_arrays().values()]
@@ -112,13 +112,16 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=fed.min_nodes, evaluate_fn=after_round,
         on_fit_config_fn=lambda r: {"server-round": r + offset},
     )
-    max_examples = fed.local_steps * cfg.train.batch_size  # the largest num-examples a site reports
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD, max_weight=float(max_examples),
+        num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD, max_weight=float(coord.examples_per_round),
         clipping_range=CLIPPING_RANGE, timeout=fed.round_timeout_s,
     ))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining, round_timeout=fed.round_timeout_s),
                            strategy=strategy)
-    workflow(grid, legacy)
+    curves = CurvePlotter(out)  # drawn while the next round runs
+    try:
+        workflow(grid, legacy)
+    finally:
+        curves.close()
     path = coord.finish(tensors_of(strategy.global_arrays))
     log.info("final global model saved to %s", path)

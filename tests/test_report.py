@@ -134,3 +134,26 @@ def test_the_demo_prints_each_round_once_as_it_is_recorded_and_keeps_flowers_log
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == ["round", "1", "2"]
     assert "a Flower log line" in (out / "flower.log").read_text()
+
+
+def test_curves_are_drawn_in_the_background_and_close_waits_for_the_last(tmp_path, monkeypatch, caplog):
+    import hlip_fed.report as report
+
+    run = fake_run(tmp_path / "run", rounds=2)
+    drawn = []
+    real = report.plot_run
+    monkeypatch.setattr(report, "plot_run", lambda run_dir: drawn.append(len(report.read_rounds(run_dir))) or real(run_dir))
+    curves = report.CurvePlotter(run)
+    curves.request()
+    fake_run(run, rounds=3)  # the run goes on while the curves are drawn
+    curves.request()
+    curves.close()
+    assert drawn and drawn[-1] == 3 and len(drawn) <= 2  # the last drawing saw the last round
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob(".curves.png.*"))  # written atomically, no temporary left
+
+    monkeypatch.setattr(report, "plot_run", lambda run_dir: 1 / 0)
+    broken = report.CurvePlotter(run)
+    broken.request()
+    broken.close()  # a failed drawing is logged, not raised
+    assert "were not drawn" in caplog.text

@@ -23,6 +23,7 @@ from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, start_from
+from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache, usable
@@ -82,6 +83,23 @@ class Coordinator:
 
     def strategy_state(self) -> dict[str, np.ndarray]:
         return dict(self.resumed.strategy_state) if self.resumed else {}
+
+    @property
+    def known_nodes(self) -> list[int]:
+        """The nodes that trained in the last completed round, so that a stalled resume can name
+        the sites it misses."""
+        return [int(n) for n in (self.resumed.state.get("train_sites", {}) if self.resumed else {})]
+
+    @property
+    def privacy_ledger(self) -> dict | None:
+        """Central DP's accounting so far (None before the first round)."""
+        return self.resumed.state.get(PRIVACY_LEDGER) if self.resumed else None
+
+    @property
+    def examples_per_round(self) -> int:
+        """What an honest site trains on in a round: local steps x accumulation x batch."""
+        train = self.cfg.train
+        return self.cfg.federation.local_steps * train.grad_accum * train.batch_size
 
     def evaluate_global(self, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics of the global model on the consortium's held-out set (empty without one)."""
