@@ -24,18 +24,22 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.app import SiteError, _site, error_code
+from client.mods import error_code
 from hlip_fed.federation.admission import admit
 from hlip_fed.federation.audit import append_audit, audit_entry
 from hlip_fed.federation.local import local_site
-from hlip_fed.federation.run import config_from_run
+from hlip_fed.federation.run import config_from_run, resolve_site
 
 app = ClientApp(mods=[secaggplus_mod])
 
 
+class SiteError(Exception):
+    """A failure as it may leave the site: its error code, no detail."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = _site(context)
+    site = resolve_site(dict(context.run_config), dict(context.node_config))
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round = int(fitins.config["server-round"])
     try:
