@@ -260,6 +260,7 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
     import multiprocessing as mp
 
     from hlip_fed.federation.coordinator import Coordinator
+    from hlip_fed.federation.round_record import RoundRecord
     from hlip_fed.federation.run import config_from_run
     from hlip_fed.report import CurvePlotter
 
@@ -288,8 +289,8 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
             t = time.perf_counter()
             heldout = coord.evaluate_global(arrays)
             p["heldout"] = time.perf_counter() - t
-            record = {"train_sites": {str(i): m for i, (_, m) in enumerate(replies)},
-                      "eval_sites": {str(i): e for i, e in enumerate(evals)}, "heldout": heldout}
+            record = RoundRecord(train_sites={str(i): m for i, (_, m) in enumerate(replies)},
+                                 eval_sites={str(i): e for i, e in enumerate(evals)}, heldout=heldout)
             coord.end_round(r, arrays, record, {})
             curves.request()
             p["server"] = time.perf_counter() - t

@@ -72,14 +72,14 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
     rounds = read_rounds(run_dir)
     sites: dict[str, float] = {}
     for r in rounds:
-        for node, m in (r.get("train_sites") or {}).items():
+        for node, m in (r.train_sites or {}).items():
             sites[node] = sites.get(node, 0.0) + float(m.get("num-examples", 0.0))
     if site_names and len(site_names) == len(sites):
         sites = dict(zip(site_names, sites.values()))
     prov: dict = {
         "rounds": len(rounds),
         "sites": {k: int(v) for k, v in sites.items()},
-        "final_metrics": (rounds[-1].get("heldout") if rounds else None) or {},
+        "final_metrics": (rounds[-1].heldout if rounds else None) or {},
         "run_dir": Path(run_dir).name,
     }
     if cfg is not None:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from hlip_fed.atomic import write_atomic
+from hlip_fed.federation.round_record import RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,16 @@ CURVES = (
 )
 
 
-def read_rounds(run_dir: str | Path) -> list[dict]:
+def read_rounds(run_dir: str | Path) -> list[RoundRecord]:
     """One record per completed round; a repeated round (after a resume) keeps its last record."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rounds: dict[int, dict] = {}
+    rounds: dict[int, RoundRecord] = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            rec = json.loads(line)
-            rounds[int(rec["round"])] = rec
+            rec = RoundRecord.from_json(json.loads(line))
+            rounds[int(rec.round)] = rec
     return [rounds[k] for k in sorted(rounds)]
 
 
@@ -44,8 +45,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     fig = Figure(figsize=(4 * len(CURVES), 3.2))
     axes = fig.subplots(1, len(CURVES))
     for ax, (section, key, title) in zip(axes, CURVES):
-        xs = [r["round"] for r in rounds if key in r.get(section, {})]
-        ys = [r[section][key] for r in rounds if key in r.get(section, {})]
+        xs = [r.round for r in rounds if key in r.section(section)]
+        ys = [r.section(section)[key] for r in rounds if key in r.section(section)]
         ax.plot(xs, ys, marker="o")
         if key.startswith("auc-"):
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
@@ -105,30 +106,30 @@ TABLE_COLUMNS = (
 )
 
 
-def sites_seconds(record: dict) -> float | None:
+def sites_seconds(record: RoundRecord) -> float | None:
     """Seconds from sending a round's training to the last site's reply (the round's ``timing``)."""
-    waits = [max(ex["replies_s"], default=0.0) for ex in (record.get("timing") or {}).get("exchanges", [])
+    waits = [max(ex["replies_s"], default=0.0) for ex in (record.timing or {}).get("exchanges", [])
              if ex.get("type") == "train"]
     return waits[0] if waits else None
 
 
-def round_table(rounds: list[dict]) -> tuple[list[str], list[list[str]]]:
+def round_table(rounds: list[RoundRecord]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the round table (``-`` where a round lacks a metric)."""
     header = [c[0] for c in TABLE_COLUMNS] + ["sites", "rejected", "sites s"]
     rows = []
     for r in rounds:
         row = []
         for _, section, key, fmt in TABLE_COLUMNS:
-            value = r.get(key) if section is None else (r.get(section) or {}).get(key)
+            value = getattr(r, key) if section is None else r.section(section).get(key)
             row.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
         wait = sites_seconds(r)
-        row += [str(len(r.get("train_sites") or {})), str(len(r.get("rejected") or [])),
+        row += [str(len(r.train_sites or {})), str(len(r.rejected or [])),
                 "-" if wait is None else f"{wait:.1f}"]
         rows.append(row)
     return header, rows
 
 
-def format_round_table(rounds: list[dict]) -> str:
+def format_round_table(rounds: list[RoundRecord]) -> str:
     header, rows = round_table(rounds)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
@@ -159,16 +160,16 @@ def write_run_report(run_dir: str | Path, fmt: str = "html", out: str | Path | N
     header, rows = round_table(rounds)
     card = run / "model" / "MODEL_CARD.md"
     card_text = card.read_text() if card.is_file() else None
-    last = rounds[-1] if rounds else {}
+    last = rounds[-1] if rounds else RoundRecord()
     summary = (f"{len(rounds)} completed round(s); final model "
                + ("in model/" if (run / "model" / "model.safetensors").is_file() else "not saved yet"))
     if fmt == "md":
         parts = [f"# Run report: {run.name}", "", summary, "", _markdown_table(header, rows), ""]
         if curves:
             parts += [f"![curves]({curves.name})", ""]
-        if last.get("rejected"):
+        if last.rejected:
             parts += ["Rejected updates in the last round:", "",
-                      *[f"- node {x.get('node')}: {x.get('reason')}" for x in last["rejected"]], ""]
+                      *[f"- node {x.get('node')}: {x.get('reason')}" for x in last.rejected], ""]
         if card_text:
             parts += ["---", "", card_text.replace("# Model card", "## Model card", 1)]
         path.write_text("\n".join(parts))
@@ -244,7 +245,7 @@ def export_tensorboard(run_dir: str | Path) -> Path | None:
         return None
     close_tensorboard(run)
     shutil.rmtree(run / "tensorboard", ignore_errors=True)
-    ok = all(tensorboard_round(run, r) for r in rounds)
+    ok = all(tensorboard_round(run, r.to_json()) for r in rounds)
     close_tensorboard(run)
     return run / "tensorboard" if ok else None
 

@@ -5,6 +5,7 @@ configured strategy for the remaining rounds, and after every round evaluates th
 the held-out set and checkpoints it (see :mod:`hlip_fed.federation.coordinator`).
 """
 
+import dataclasses
 import logging
 import time
 
@@ -54,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > 0:
             # Where the round's time went: the exchanges with the sites, then the held-out evaluation.
             timing = {"exchanges": grid.take_exchanges(), "heldout_started": started, "heldout_s": time.time() - started}
-            record = dict(strategy.round_record, heldout=metrics, timing=timing)
+            record = dataclasses.replace(strategy.round_record, heldout=metrics, timing=timing)
             coord.end_round(server_round + coord.offset, tensors, record, strategy.state_arrays())
             curves.request()
         return MetricRecord(metrics) if metrics else None

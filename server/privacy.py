@@ -111,9 +111,9 @@ class ScreenedFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             metrics = MetricRecord({k: v for k, v in metrics.items() if k != WEIGHT_KEY})
         return arrays, metrics
 
-    def round_privacy(self, server_round: int, released: bool, update_norms: dict[str, float]) -> dict:
-        """The round record's privacy entries after a round (``released``: a model went out),
-        and the accountant's ledger so far."""
+    def round_privacy(self, server_round: int, released: bool, update_norms: dict[str, float]) -> tuple[dict, dict]:
+        """The round record's privacy entry after a round (``released``: a model went out), and
+        the accountant's ledger so far."""
         released = released and self.last_noise_std is not None
         record = {
             **privacy.spent(self.accountant),
@@ -126,7 +126,7 @@ class ScreenedFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         }
         log.info("round %d: privacy spent epsilon=%.4g at delta=%g after %d private rounds",
                  server_round, record["epsilon"], record["delta"], record["releases"])
-        return {"privacy": record, privacy.LEDGER_KEY: privacy.ledger(self.accountant)}
+        return record, privacy.ledger(self.accountant)
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.coordinator import Coordinator
+from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.run import config_from_run, run_dir
 from hlip_fed.report import CurvePlotter
 
@@ -101,7 +102,7 @@ def main(grid: Grid, context: Context) -> None:
         tensors = tensors_of(ndarrays)
         metrics = coord.evaluate_global(tensors)
         if server_round > 0:
-            record = {"aggregation": "secagg+", "sites_in_sum": strategy.sites, "heldout": metrics}
+            record = RoundRecord(aggregation="secagg+", sites_in_sum=strategy.sites, heldout=metrics)
             coord.end_round(server_round + offset, tensors, record, {})
             curves.request()
         return 0.0, metrics

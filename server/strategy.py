@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import aggregate_site_metrics
+from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.screen import screen_replies, screen_update_norms
 from hlip_fed.federation.transport import decode_replies
 from server.privacy import ScreenedFixedClipping, build_private_strategy
@@ -91,7 +92,7 @@ class HlipStrategy(Strategy):
                  known_nodes: Iterable[int] = (), max_examples: float | None = None) -> None:
         self.inner, self.fed, self.expected, self.offset = inner, fed, expected, offset
         self.max_examples = max_examples  # what an honest site can train on in a round
-        self.round_record: dict = {}
+        self.round_record = RoundRecord()
         self.known_nodes: set[int] = set(known_nodes)  # every node that took part, for messages
         self._sent: dict[str, int] = {}  # message id -> destination node, for SuperLink errors
         self._global: dict[str, np.ndarray] = {}
@@ -112,7 +113,8 @@ class HlipStrategy(Strategy):
             log.warning("round %d: %s with %d of %d sites after waiting %gs; absent nodes: %s",
                         server_round + self.offset, what, len(nodes), needed, self.fed.node_wait_s,
                         absent or "none known")
-            self.round_record.setdefault("absent", absent)
+            if self.round_record.absent is None:
+                self.round_record.absent = absent
             inner.min_available_nodes = min(inner.min_available_nodes, len(nodes))
             inner.min_train_nodes = min(inner.min_train_nodes, len(nodes))
             inner.min_evaluate_nodes = min(inner.min_evaluate_nodes, len(nodes))
@@ -140,7 +142,7 @@ class HlipStrategy(Strategy):
 
     # -- training ------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.round_record, self._sent = {}, {}
+        self.round_record, self._sent = RoundRecord(), {}
         self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
         with self._attendance(grid, "training", server_round):
             return self._remember(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
@@ -148,8 +150,9 @@ class HlipStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies):
         arrays, metrics = self._aggregate_train(server_round, replies)
         if isinstance(self.inner, ScreenedFixedClipping):
-            self.round_record.update(self.inner.round_privacy(server_round + self.offset, arrays is not None,
-                                                              self.round_record.get("update_norms", {})))
+            record = self.round_record
+            record.privacy, record.privacy_ledger = self.inner.round_privacy(
+                server_round + self.offset, arrays is not None, record.update_norms or {})
         return arrays, metrics
 
     def _aggregate_train(self, server_round: int, replies):
@@ -170,14 +173,12 @@ class HlipStrategy(Strategy):
             log.warning("round %d: rejected the update of node %s: %s", server_round + self.offset, r.node_id, r.reason)
         capped = self._cap_examples(good)
         sites = {m.metadata.src_node_id: dict(next(iter(m.content.metric_records.values()))) for m in good}
-        self.round_record.update(
-            train_sites={str(k): v for k, v in sites.items()},
-            rejected=[{"node": r.node_id, "reason": r.reason} for r in rejected],
-            bytes_per_site={str(k): v.get("bytes-sent", 0.0) for k, v in sites.items()},
-            update_norms={str(k): v for k, v in norms.items()},
-            no_reply=silent,
-            capped_examples=capped,
-        )
+        record = self.round_record
+        record.train_sites = {str(k): v for k, v in sites.items()}
+        record.rejected = [{"node": r.node_id, "reason": r.reason} for r in rejected]
+        record.bytes_per_site = {str(k): v.get("bytes-sent", 0.0) for k, v in sites.items()}
+        record.update_norms = {str(k): v for k, v in norms.items()}
+        record.no_reply, record.capped_examples = silent, capped
         if sites:
             log.info("round %d: %.2f MB received per site", server_round + self.offset,
                      np.mean([v.get("bytes-sent", 0.0) for v in sites.values()]) / 1e6)
@@ -190,7 +191,7 @@ class HlipStrategy(Strategy):
             arrays = ArrayRecord(
                 {k: Array(np.asarray(v.numpy(), dtype=np.float32).reshape(self.expected[k])) for k, v in arrays.items()}
             )
-        self.round_record["train"] = dict(metrics) if metrics is not None else {}
+        self.round_record.train = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
     def _cap_examples(self, replies: list[Message]) -> dict[str, float]:
@@ -222,11 +223,11 @@ class HlipStrategy(Strategy):
         for r in rejected:
             log.warning("round %d: rejected the evaluation of node %s: %s", server_round + self.offset, r.node_id, r.reason)
         per_site = {str(m.metadata.src_node_id): dict(next(iter(m.content.metric_records.values()))) for m in good}
-        self.round_record["eval_sites"] = per_site
+        self.round_record.eval_sites = per_site
         if not good:
             return None
         merged = aggregate_site_metrics(list(per_site.values()))
-        self.round_record["eval"] = merged
+        self.round_record.eval = merged
         return MetricRecord(merged)
 
     # -- resumable state -----------------------------------------------------------------------

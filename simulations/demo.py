@@ -55,8 +55,8 @@ class RoundLines:
             self.widths = [max(len(h), 6) for h in header]
             lines.append("  ".join(h.rjust(w) for h, w in zip(header, self.widths)))
         for record, row in zip(rounds, rows):
-            if record["round"] not in self.shown:
-                self.shown.add(record["round"])
+            if record.round not in self.shown:
+                self.shown.add(record.round)
                 lines.append("  ".join(c.rjust(w) for c, w in zip(row, self.widths)))
         return lines
 

@@ -100,8 +100,8 @@ def test_a_site_claiming_1e9_examples_is_weighted_as_an_honest_one():
     uncapped, _ = _strategy().aggregate_train(1, [_reply(1, a, 30), _reply(2, b, 1e9)])
     np.testing.assert_allclose(uncapped["w"].numpy(), 4.0, atol=1e-6)
     np.testing.assert_allclose(arrays["w"].numpy(), 2.5)  # equal weights, not 4.0
-    assert s.round_record["capped_examples"] == {"2": 1e9}
-    assert s.round_record["train_sites"]["2"]["num-examples"] == 30
+    assert s.round_record.capped_examples == {"2": 1e9}
+    assert s.round_record.train_sites["2"]["num-examples"] == 30
 
 
 @pytest.mark.parametrize("bad", ["missing", "nan", "shape", "extra"])
@@ -120,7 +120,7 @@ def test_a_bad_reply_is_dropped_and_the_round_goes_on(bad):
         broken["zzz"] = np.zeros(1, np.float32)
     arrays, _ = s.aggregate_train(1, [_reply(1, good, 10), _reply(2, other, 10), _reply(3, broken, 10)])
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
-    assert [r["node"] for r in s.round_record["rejected"]] == [3]
+    assert [r["node"] for r in s.round_record.rejected] == [3]
 
 
 def _final_weights(run_dir):

@@ -58,7 +58,7 @@ def test_noise_added_to_the_average_has_std_z_times_c_over_sites():
     noise = arrays["w"].numpy().astype(np.float64) - mean
     assert noise.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.01)  # 100k samples: ~0.2% error
     assert abs(noise.mean()) < 0.01
-    p = s.round_record["privacy"]
+    p = s.round_record.privacy
     assert p["noise_std"] == pytest.approx(1 / 3) and p["sites"] == 3 and p["releases"] == 1 and p["epsilon"] > 0
 
 
@@ -69,8 +69,8 @@ def test_updates_are_clipped_and_averaged_without_example_weights():
     clipped = {k: GLOBAL[k] + (big[k] - GLOBAL[k]) * 0.5 / 1000.0 for k in GLOBAL}
     for k in GLOBAL:  # an equal-weight mean, the 1000-norm update scaled down to the clipping norm
         np.testing.assert_allclose(arrays[k].numpy(), (a[k] + b[k] + clipped[k]) / 3, atol=1e-6)
-    assert s.round_record["rejected"] == []  # clipping, not the relative norm check, handles it
-    assert s.round_record["privacy"]["clipped"] == 1
+    assert s.round_record.rejected == []  # clipping, not the relative norm check, handles it
+    assert s.round_record.privacy["clipped"] == 1
     assert "dp-weight" not in metrics
 
 
@@ -81,9 +81,9 @@ def test_a_nan_reply_is_rejected_and_the_round_is_still_released():
     a, b = _moved(0.1, 0), _moved(0.1, 1)
     arrays, _ = s.aggregate_train(1, [_reply(1, a), _reply(2, b), _reply(3, bad)])
     assert arrays is not None  # Flower's wrapper alone would have dropped the round
-    assert [r["node"] for r in s.round_record["rejected"]] == [3]
+    assert [r["node"] for r in s.round_record.rejected] == [3]
     np.testing.assert_allclose(arrays["w"].numpy(), (a["w"] + b["w"]) / 2, atol=1e-6)
-    p = s.round_record["privacy"]
+    p = s.round_record.privacy
     assert p["sites"] == 2 and p["noise_std"] == pytest.approx(1e-9 * 0.5 / 2) and p["releases"] == 1
 
 
@@ -92,8 +92,8 @@ def test_a_round_without_usable_updates_spends_nothing():
     bad = _moved(0.1, 0)
     bad["b"][0] = np.inf
     arrays, _ = s.aggregate_train(1, [_reply(1, bad)])
-    assert arrays is None and s.round_record["privacy"]["releases"] == 0
-    assert s.round_record["privacy"]["epsilon"] == 0.0
+    assert arrays is None and s.round_record.privacy["releases"] == 0
+    assert s.round_record.privacy["epsilon"] == 0.0
 
 
 def test_ledger_is_compact_and_a_restored_accountant_continues_exactly():
@@ -121,9 +121,9 @@ def test_a_round_is_accounted_as_replace_one_at_half_the_noise_multiplier():
     s.aggregate_train(1, [_reply(n + 1, _moved(0.1, n)) for n in range(3)])
     at_half = privacy.make_accountant(1e-5, 3)
     at_half.compose(GaussianPrivacyEvent(1.0, 3, 3))
-    assert s.round_record["privacy"]["epsilon"] == pytest.approx(privacy.spent(at_half)["epsilon"])
-    assert s.round_record["privacy"]["accounted_multiplier"] == 1.0
-    assert s.round_record["privacy"]["noise_std"] == pytest.approx(2.0 * 0.5 / 3)  # the noise keeps z
+    assert s.round_record.privacy["epsilon"] == pytest.approx(privacy.spent(at_half)["epsilon"])
+    assert s.round_record.privacy["accounted_multiplier"] == 1.0
+    assert s.round_record.privacy["noise_std"] == pytest.approx(2.0 * 0.5 / 3)  # the noise keeps z
     assert privacy.epsilon_after(1, 2.0, 1e-5, 3) == pytest.approx(privacy.spent(at_half)["epsilon"])
     assert privacy.epsilon_after(1, 2.0, 1e-5, 3) > privacy.epsilon_after(1, 4.0, 1e-5, 3)
 

@@ -42,7 +42,7 @@ def test_tensorboard_scalars_read_back(tmp_path):
 
     run = fake_run(tmp_path / "run")
     for rec in read_rounds(run):
-        assert tensorboard_round(run, rec)
+        assert tensorboard_round(run, rec.to_json())
     close_tensorboard(run)
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
@@ -157,3 +157,13 @@ def test_curves_are_drawn_in_the_background_and_close_waits_for_the_last(tmp_pat
     broken.request()
     broken.close()  # a failed drawing is logged, not raised
     assert "were not drawn" in caplog.text
+
+
+def test_a_round_record_writes_what_is_set_and_reads_back_what_it_knows():
+    from hlip_fed.federation.round_record import RoundRecord
+
+    rec = RoundRecord(round=3, train={"train-loss": 1.5}, rejected=[], heldout={"auc-mean": 0.6})
+    assert rec.to_json() == {"round": 3, "train": {"train-loss": 1.5}, "rejected": [], "heldout": {"auc-mean": 0.6}}
+    state = {"config_hash": "abc", "time": 1.0, **rec.to_json()}  # a checkpoint's state holds more
+    assert RoundRecord.from_json(state) == rec
+    assert rec.section("eval") == {} and rec.section("heldout") == {"auc-mean": 0.6}

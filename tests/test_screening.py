@@ -54,11 +54,11 @@ def test_a_1000x_scaled_update_is_rejected_and_logged_with_its_node(caplog):
     scaled = {k: GLOBAL[k] + 1000 * (honest_a[k] - GLOBAL[k]) for k in GLOBAL}
     with caplog.at_level(logging.WARNING, logger="hlip_fed.server"):
         arrays, _ = s.aggregate_train(1, [_reply(1, honest_a), _reply(2, honest_b), _reply(3, scaled)])
-    assert [r["node"] for r in s.round_record["rejected"]] == [3]
-    assert "update norm" in s.round_record["rejected"][0]["reason"]
+    assert [r["node"] for r in s.round_record.rejected] == [3]
+    assert "update norm" in s.round_record.rejected[0]["reason"]
     assert any("node 3" in r.getMessage() and "update norm" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(arrays["w"].numpy(), (honest_a["w"] + honest_b["w"]) / 2, rtol=1e-6)
-    assert set(s.round_record["update_norms"]) == {"1", "2", "3"}
+    assert set(s.round_record.update_norms) == {"1", "2", "3"}
 
 
 def test_large_weights_with_a_small_update_pass():
@@ -66,7 +66,7 @@ def test_large_weights_with_a_small_update_pass():
     s, _ = _strategy()
     replies = [_reply(n, _update(d)) for n, d in ((1, 0.01), (2, 0.02), (3, 0.05))]
     arrays, _ = s.aggregate_train(1, replies)
-    assert arrays is not None and s.round_record["rejected"] == []
+    assert arrays is not None and s.round_record.rejected == []
 
 
 def test_two_sites_the_larger_outlier_is_rejected_and_ratio_zero_disables():
@@ -87,7 +87,7 @@ def test_nan_and_missing_key_are_rejected_before_the_norm_check():
     missing = _update(0.01)
     del missing["b"]
     arrays, _ = s.aggregate_train(1, [_reply(1, _update(0.01)), _reply(2, nan), _reply(3, missing)])
-    assert {r["node"] for r in s.round_record["rejected"]} == {2, 3}
+    assert {r["node"] for r in s.round_record.rejected} == {2, 3}
     np.testing.assert_allclose(arrays["w"].numpy(), _update(0.01)["w"], rtol=1e-6)
 
 
@@ -101,8 +101,8 @@ def test_superlink_error_for_an_offline_node_names_that_node_and_silent_nodes_ar
         group_id="1", created_at=0.0, ttl=600.0, message_type="train",
     ), content=None, error=Error(code=5, reason="node unavailable"))
     s.aggregate_train(1, [_reply(1, _update(0.01), reply_to=by_node[1]), offline])
-    assert [r["node"] for r in s.round_record["rejected"]] == [2]
-    assert s.round_record["no_reply"] == [3]
+    assert [r["node"] for r in s.round_record.rejected] == [2]
+    assert s.round_record.no_reply == [3]
 
 
 class Clock:
@@ -144,7 +144,7 @@ def test_a_round_goes_ahead_with_the_connected_sites_after_the_wait():
     messages = s.configure_train(1, ArrayRecord({k: torch.from_numpy(v) for k, v in GLOBAL.items()}),
                                  ConfigRecord({}), FakeGrid([1, 2]))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
-    assert s.round_record["absent"] == [3]
+    assert s.round_record.absent == [3]
     assert s.inner.min_train_nodes == 3  # the lowered minimum was for this round only
 
 

@@ -119,7 +119,7 @@ def test_fedavg_of_compressed_deltas_is_the_fp32_mean_of_the_decoded_weights(tra
     s = _strategy(g, transport, True)
     arrays, _ = s.aggregate_train(1, [_reply(i + 1, a, n) for i, (a, n) in enumerate(zip(sent, (10, 20, 30)))])
     decoded = [decode_arrays(a, g, transport, deltas=True) for a in sent]
-    assert not s.round_record["rejected"]
+    assert not s.round_record.rejected
     for k in g:
         want = sum(d[k].astype(np.float64) * n for d, n in zip(decoded, (10, 20, 30))) / 60
         out = arrays[k].numpy()
@@ -140,12 +140,12 @@ def test_screening_rejects_nan_and_scaled_updates_under_compression(transport, d
                _reply(2, encode_arrays(honest[1], g, transport, deltas)),
                _reply(3, encode_arrays(scaled, g, transport, deltas))]
     arrays, _ = s.aggregate_train(1, replies)
-    assert [r["node"] for r in s.round_record["rejected"]] == [3]
-    assert "update norm" in s.round_record["rejected"][0]["reason"]
+    assert [r["node"] for r in s.round_record.rejected] == [3]
+    assert "update norm" in s.round_record.rejected[0]["reason"]
     s = _strategy(g, transport, deltas)
     replies[2] = _reply(3, encode_arrays(nan, g, transport, deltas))
     s.aggregate_train(1, replies)
-    assert [(r["node"], "non-finite" in r["reason"]) for r in s.round_record["rejected"]] == [(3, True)]
+    assert [(r["node"], "non-finite" in r["reason"]) for r in s.round_record.rejected] == [(3, True)]
 
 
 def test_a_reply_in_another_dtype_is_rejected_and_others_still_aggregate():
@@ -155,8 +155,8 @@ def test_a_reply_in_another_dtype_is_rejected_and_others_still_aggregate():
     replies = [_reply(1, encode_arrays(sites[0], g, "fp16", True)), _reply(2, encode_arrays(sites[1], g, "fp16", True)),
                _reply(3, sites[0])]  # full fp32 weights, as if the site ignored the transport
     arrays, _ = s.aggregate_train(1, replies)
-    assert [r["node"] for r in s.round_record["rejected"]] == [3]
-    assert "travels as float32" in s.round_record["rejected"][0]["reason"]
+    assert [r["node"] for r in s.round_record.rejected] == [3]
+    assert "travels as float32" in s.round_record.rejected[0]["reason"]
     np.testing.assert_allclose(arrays["w"].numpy(), (sites[0]["w"] + sites[1]["w"]) / 2, atol=1e-5)
 
 

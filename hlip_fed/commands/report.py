@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_run_report(run_dir, args.format, args.out)
     tb = export_tensorboard(run_dir) if args.tensorboard else None
     if args.json:
-        print(json.dumps({"rounds": rounds, "report": str(path), "tensorboard": str(tb) if tb else None}, indent=2))
+        print(json.dumps({"rounds": [r.to_json() for r in rounds], "report": str(path), "tensorboard": str(tb) if tb else None}, indent=2))
         return 0
     print(format_round_table(rounds))
     print(f"\nreport: {path}")

@@ -24,6 +24,7 @@ from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, start_from
 from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
+from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache, usable
@@ -120,17 +121,21 @@ class Coordinator:
                         text_cache=self.text_cache)
 
     def end_round(
-        self, server_round: int, arrays: dict[str, torch.Tensor], record: dict, strategy_state: dict[str, np.ndarray]
+        self, server_round: int, arrays: dict[str, torch.Tensor], record: RoundRecord,
+        strategy_state: dict[str, np.ndarray]
     ) -> None:
-        """Checkpoint and log a completed round (``record``: metrics of the round)."""
-        state = {"config_hash": resume_hash(self.cfg), "time": time.time(), **record}
+        """Checkpoint and log a completed round."""
+        record = dataclasses.replace(record, round=server_round)
+        line = record.to_json()
+        state = {"config_hash": resume_hash(self.cfg), "time": time.time(),
+                 **{k: v for k, v in line.items() if k != "round"}}
         save_checkpoint(
             self.ckpt_dir,
             Checkpoint(server_round, {k: v.numpy() for k, v in arrays.items()}, strategy_state, state),
         )
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"round": server_round, **record}, sort_keys=True) + "\n")
-        tensorboard_round(self.run_dir, {"round": server_round, **record})
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+        tensorboard_round(self.run_dir, line)
 
     def finish(self, arrays: dict[str, torch.Tensor]) -> Path:
         """Save the final global model with its model card (provenance, intended use, licences)."""
