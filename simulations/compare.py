@@ -50,6 +50,7 @@ from hlip_fed.federation.params import federated_keys, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
+from hlip_fed.report import read_rounds
 from hlip_fed.train import cycle, make_optimizer, train_steps
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
@@ -124,7 +125,8 @@ def contrastive_loss(model: HLIP, tok, loader) -> float:
 
 
 def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium, val=None, eval_every: int = 0):
-    """Train one model on ``dataset``; with ``val``, keep the weights of the best validation loss."""
+    """Train one model on ``dataset`` for ``steps`` optimiser steps; with ``val``, keep the weights
+    of the best validation loss. Returns the model, its tokenizer and the steps taken."""
     torch.manual_seed(seed)
     model, tok = create_model(cfg.model, seed=cfg.train.seed), create_tokenizer(cfg.model)
     if cfg.federation.init:  # every method starts from the same given model
@@ -137,16 +139,20 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
     best, best_state, done = math.inf, None, 0
     while done < steps:
         n = min(chunk, steps - done)
-        train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done, total_steps=steps,
-                    text_cache=text_cache)
-        done += n
+        done += train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done, total_steps=steps,
+                            text_cache=text_cache).steps
         if val is not None:
             loss = contrastive_loss(model, tok, cons.loader(val))
             if loss < best:
                 best, best_state = loss, copy.deepcopy(model.state_dict())
     if best_state is not None:
         model.load_state_dict(best_state)
-    return model, tok
+    return model, tok, done
+
+
+def federated_steps(run: Path) -> int:
+    """Optimiser steps the sites of a federated run took, summed over rounds and sites."""
+    return int(sum(m.get("train-steps", 0) for r in read_rounds(run) for m in (r.train_sites or {}).values()))
 
 
 def split_validation(dataset: SiteDataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -198,18 +204,19 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
     saved = json.loads(progress_file.read_text()) if resume and progress_file.is_file() else {}
     res: dict = saved.get("metrics", {})
     seconds: dict = saved.get("seconds", {})
+    steps: dict = saved.get("steps", {})  # optimiser steps each method took: the budget, for every one
 
-    def done(method: str, started: float) -> None:
-        seconds[method] = round(time.time() - started, 1)
-        write_json_atomic(progress_file, {"metrics": res, "seconds": seconds})
+    def done(method: str, started: float, taken: int) -> None:
+        seconds[method], steps[method] = round(time.time() - started, 1), taken
+        write_json_atomic(progress_file, {"metrics": res, "seconds": seconds, "steps": steps})
 
     if "pooled" in methods and "pooled" not in res:
         log(f"seed {seed}: pooled, {budget} steps")
         started = time.time()
-        model, tok = train_central(cfg, ConcatDataset(list(cons.train.values())), budget, seed, cons)
+        model, tok, taken = train_central(cfg, ConcatDataset(list(cons.train.values())), budget, seed, cons)
         model.save_pretrained(out / "pooled" / "model")  # beside the federated runs' models
         res["pooled"] = heldout_metrics(model, tok, cons)
-        done("pooled", started)
+        done("pooled", started, taken)
     if "local" in methods:
         res.setdefault("local", {})
         for site, data in cons.train.items():
@@ -218,10 +225,10 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             log(f"seed {seed}: local-only {site}, up to {budget} steps")
             started = time.time()
             train, val = split_validation(data, 0.2, seed)
-            model, tok = train_central(cfg, train, budget, seed, cons, val=val if len(val) else None,
-                                       eval_every=max(1, budget // 8))
+            model, tok, taken = train_central(cfg, train, budget, seed, cons, val=val if len(val) else None,
+                                              eval_every=max(1, budget // 8))
             res["local"][site] = heldout_metrics(model, tok, cons)
-            done(f"local-{site}", started)
+            done(f"local-{site}", started, taken)
     for method in ("fedavg", "fedprox"):
         if method in methods and method not in res:
             log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
@@ -229,7 +236,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             run = federated(method, cfg_args, cons.root, out, n, seed)
             model = HLIP.from_pretrained(run / "model")
             res[method] = heldout_metrics(model, create_tokenizer(cfg.model), cons)
-            done(method, started)
+            done(method, started, federated_steps(run))
     if "loso" in methods:
         res.setdefault("loso", {})
         for site in cons.sites:
@@ -242,7 +249,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             model = HLIP.from_pretrained(run / "model")
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
                                                      cons.test[site.name], cons.site_labels[site.name])
-            done(f"loso-{site.name}", started)
+            done(f"loso-{site.name}", started, federated_steps(run))
     return {m: res[m] for m in ("pooled", "local", "fedavg", "fedprox", "loso") if m in res and m in methods}
 
 

@@ -41,6 +41,12 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     # Each method's figures and wall time are kept as it finishes; --resume does not redo them.
     progress = json.loads((out / "seed-0" / "progress.json").read_text())
     assert {"pooled", "fedavg", "fedprox", "local-site0", "loso-site2"} <= set(progress["seconds"])
+    # Equal compute: every method took the budget's optimiser steps (a federation: its sites'
+    # steps summed over rounds; without one site, that site's share is missing).
+    taken = progress["steps"]
+    assert {taken[m] for m in ("pooled", "fedavg", "fedprox", "local-site0", "local-site1", "local-site2")} \
+        == {res["budget_steps"]}
+    assert taken["loso-site2"] == res["budget_steps"] * 2 // 3
     assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--overrides", overrides,
                          "--methods", "pooled,fedavg", "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
