@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hlip_fed.data.preprocess import from_model_grid
 from hlip_fed.errors import HlipError
+from hlip_fed.inference import load_study_tensor
 
 
 @dataclass
@@ -97,7 +100,6 @@ def upsample_patches(scores: np.ndarray, img_size) -> np.ndarray:
 
 def to_volume_grid(input_map: np.ndarray, volume, data_cfg, img_size) -> np.ndarray:
     """Undo the preprocessing geometry: a map on the model input grid -> the scan's grid."""
-    from hlip_fed.data.preprocess import from_model_grid
 
     return from_model_grid(input_map, volume.shape, volume.spacing, data_cfg, img_size)
 
@@ -106,7 +108,6 @@ def explain_study(model, tokenizer, study, text: str, data_cfg,
                   versus: str | None = None) -> tuple[list[ScanMap], float, list]:
     """Per-scan maps of one study for ``text`` (against ``versus``); also the similarity (difference)
     and the scans' Volumes."""
-    from hlip_fed.inference import load_study_tensor
 
     img_size = [int(s) for s in model.cfg.vision.img_size]
     images, volumes = load_study_tensor(study, data_cfg, img_size)
@@ -187,7 +188,6 @@ def lesion_hit_test(results: list[tuple[bool, float]]) -> HitTest:
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder/flip a canonical array to RAS index order (for display); returns it and the RAS
     voxel sizes."""
-    import nibabel as nib
 
     ornt = nib.orientations.io_orientation(affine)
     out = nib.orientations.apply_orientation(array, ornt)
@@ -205,7 +205,6 @@ def plot_maps(maps: list[ScanMap], volumes: list, path, text: str, title: str | 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
 
     fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3.1 * len(maps)), squeeze=False)
     for row, (m, vol) in enumerate(zip(maps, volumes)):

@@ -34,8 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from hlip_fed.data.dataset import collate_studies
+from hlip_fed.data.errors import DataError
 from hlip_fed.errors import HlipError
+from hlip_fed.evaluate import embed_images
+from hlip_fed.inference import load_study_tensor
+from hlip_fed.predict import calibration_split, class_embeddings, class_logits
+from hlip_fed.progress import progress
 
 log = logging.getLogger("hlip_fed.finetune")
 
@@ -57,10 +64,6 @@ class LabelledSet:
 def load_labelled(studies, truth: dict[str, int], data_cfg, img_size, holdout: float = 0.3,
                   seed: int = 0) -> LabelledSet:
     """Read the labelled studies once and split them (see the module docstring)."""
-    from hlip_fed.data.errors import DataError
-    from hlip_fed.inference import load_study_tensor
-    from hlip_fed.predict import calibration_split
-    from hlip_fed.progress import progress
 
     ids, tensors, ys, splits, skipped = [], [], [], [], {}
     for s in progress([s for s in studies if s.study_id in truth], desc="reading studies", unit="study"):
@@ -98,21 +101,15 @@ def sample_shots(y: np.ndarray, pool: np.ndarray, shots: int | None, seed: int) 
 
 
 def _batch(tensors: list[torch.Tensor], idx) -> tuple[torch.Tensor, torch.Tensor]:
-    from hlip_fed.data.dataset import collate_studies
-
     images, mask, _, _ = collate_studies([(tensors[i], "", "") for i in idx])
     return images, mask
 
 
 def embed_tensors(model, tensors: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
     """Normalised embeddings of studies already in memory, in order."""
-    from torch.utils.data import DataLoader
-
-    from hlip_fed.data.dataset import collate_studies
-    from hlip_fed.evaluate import embed_images
 
     loader = DataLoader([(t, "", str(i)) for i, t in enumerate(tensors)], batch_size=batch_size,
-                                         collate_fn=collate_studies)
+                        collate_fn=collate_studies)
     return embed_images(model, loader, desc="embedding labelled studies")[0]
 
 
@@ -217,8 +214,6 @@ def few_shot_curve(model, tokenizer, data: LabelledSet, labels: list[str], templ
     balanced_accuracy}], "summary": [{method, shots, mean and std of both scores}], ...}`` and,
     under ``"probe"``, the probe fitted on the largest shot count (first repeat) for saving.
     """
-    from hlip_fed.predict import class_embeddings, class_logits
-    from hlip_fed.progress import progress
 
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -26,11 +26,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hlip_fed.config import DataConfig
+from hlip_fed.config import DataConfig, load_config
+from hlip_fed.data.dataset import collate_studies
+from hlip_fed.data.dicom import is_dicom_file
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.files import DICOM_SUFFIXES, is_nifti_path, scan_stem
 from hlip_fed.data.manifest import MANIFEST_NAME, REPORT_NAME, SPLITS, load_site, read_manifest, read_report
+from hlip_fed.data.preprocess import preprocess
+from hlip_fed.data.readers import read_scan
 from hlip_fed.errors import HlipError
+from hlip_fed.evaluate import embed_images
+from hlip_fed.model import load_pretrained
 
 log = logging.getLogger("hlip_fed.inference")
 
@@ -50,7 +56,6 @@ class Study:
 # --- finding studies -------------------------------------------------------------------------
 def _has_dicom_files(folder: Path) -> bool:
     """True when ``folder`` holds DICOM slices directly (it is a series, not a study of series)."""
-    from hlip_fed.data.dicom import is_dicom_file
 
     for p in folder.iterdir():
         if p.is_file() and not p.name.startswith("."):
@@ -159,14 +164,12 @@ def load_data_config(config: str | os.PathLike | None = None) -> DataConfig:
     """The data section of a run config file (or bundled preset name), else the defaults."""
     if not config:
         return DataConfig()
-    from hlip_fed.config import load_config
 
     return load_config(files=[config]).data
 
 
 def load_model(model_dir: str | os.PathLike):
     """``(model, tokenizer)`` from a ``save_pretrained`` folder, in eval mode."""
-    from hlip_fed.model import load_pretrained
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -182,8 +185,6 @@ def load_study_tensor(study: Study, data_cfg, img_size) -> tuple[torch.Tensor, l
     The volumes are returned too because explanations are drawn on the scan as it was read.
     Raises :class:`DataError` when no scan of the study can be read.
     """
-    from hlip_fed.data.preprocess import preprocess
-    from hlip_fed.data.readers import read_scan
 
     tensors, volumes, reasons = [], [], []
     for path in study.scans:
@@ -225,8 +226,6 @@ def embed_studies(model, studies: list[Study], data_cfg, batch_size: int = 8, de
     """Normalised embeddings ``[M, E]`` of the readable studies, those studies, and the skipped
     ones (``id -> reason``). An unreadable study is skipped rather than ending a batch run over a
     site; the caller decides whether an empty result is an error."""
-    from hlip_fed.data.dataset import collate_studies
-    from hlip_fed.evaluate import embed_images
 
     skipped: dict[str, str] = {}
 
@@ -238,7 +237,7 @@ def embed_studies(model, studies: list[Study], data_cfg, batch_size: int = 8, de
         return collate_studies(readable) if readable else (None, None, [], [])
 
     loader = DataLoader(StudyTensors(studies, data_cfg, model.cfg.vision.img_size),
-                                         batch_size=batch_size, collate_fn=collate_readable)
+                        batch_size=batch_size, collate_fn=collate_readable)
     emb, ids, _ = embed_images(model, loader, device, desc=desc)
     by_id = {s.study_id: s for s in studies}
     return emb, [by_id[i] for i in ids], skipped

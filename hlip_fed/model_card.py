@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from hlip_fed import __version__
+from hlip_fed.config import config_hash
+from hlip_fed.report import read_rounds
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
@@ -67,7 +69,6 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
 
     Sites are keyed as the server saw them (node ids) unless ``site_names`` maps them in order.
     """
-    from hlip_fed.report import read_rounds
 
     rounds = read_rounds(run_dir)
     sites: dict[str, float] = {}
@@ -83,7 +84,6 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
         "run_dir": Path(run_dir).name,
     }
     if cfg is not None:
-        from hlip_fed.config import config_hash
 
         prov.update(config_hash=config_hash(cfg), strategy=cfg.federation.strategy,
                     text_model=cfg.model.text.name, preset=cfg.model.preset)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from hlip_fed.errors import HlipError
+from hlip_fed.evaluate import embed_texts
+from hlip_fed.inference import embed_studies
 
 
 # --- class embeddings and logits ------------------------------------------------------------
@@ -33,7 +35,6 @@ def class_embeddings(model, tokenizer, labels: list[str], template: str = "{}",
                      prompts: dict[str, list[str]] | None = None) -> torch.Tensor:
     """Normalised text centroid per class, ``[K, E]``. ``prompts`` maps a class to phrasings that
     replace ``template.format(class)``."""
-    from hlip_fed.evaluate import embed_texts
 
     out = []
     for label in labels:
@@ -243,7 +244,6 @@ def predict_studies(model, tokenizer, studies, labels: list[str], data_cfg, temp
     """Probabilities per study and class. Returns ``{"studies": [...], "logits": array, "skipped":
     {...}, "labels": [...]}``, each study row holding ``study_id``, ``source``, ``probabilities``
     (class -> p) and ``prediction``."""
-    from hlip_fed.inference import embed_studies
 
     emb, kept, skipped = embed_studies(model, studies, data_cfg, batch_size=batch_size)
     if not kept:

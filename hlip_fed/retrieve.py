@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from hlip_fed.atomic import write_atomic
+from hlip_fed.config import config_hash
+from hlip_fed.data.manifest import MANIFEST_NAME, read_manifest
 from hlip_fed.errors import HlipError
+from hlip_fed.evaluate import embed_texts
+from hlip_fed.inference import embed_studies
 
 CACHE_VERSION = 1
 
@@ -39,7 +43,6 @@ def read_reports(path: str | os.PathLike) -> list[tuple[str, str]]:
         raise HlipError(f"{p}: reports file or folder not found")
     out: list[tuple[str, str]] = []
     if p.is_dir():
-        from hlip_fed.data.manifest import MANIFEST_NAME, read_manifest
 
         for f in sorted(p.rglob("*.txt")):
             if any(part.startswith(".") for part in f.relative_to(p).parts):
@@ -139,8 +142,6 @@ class EmbeddingCache:
 
 
 def embed_report_corpus(model, tokenizer, reports: list[tuple[str, str]], cache: EmbeddingCache) -> torch.Tensor:
-    from hlip_fed.evaluate import embed_texts
-
     keys = ["text:" + hashlib.sha256(t.encode()).hexdigest()[:32] for _, t in reports]
     out: list[torch.Tensor | None] = [cache.get(k, "") for k in keys]
     todo = [i for i, e in enumerate(out) if e is None]
@@ -154,8 +155,6 @@ def embed_report_corpus(model, tokenizer, reports: list[tuple[str, str]], cache:
 
 def embed_study_corpus(model, studies, data_cfg, cache: EmbeddingCache) -> tuple[torch.Tensor, list, dict]:
     """Embeddings of the readable studies (cached ones reused), those studies, and skipped ones."""
-    from hlip_fed.config import config_hash
-    from hlip_fed.inference import embed_studies
 
     data_hash = config_hash(data_cfg)
     stamps = [_study_stamp(s, data_hash) for s in studies]
