@@ -14,8 +14,9 @@ CLS copies averaged (over real scans only). Regrouping adds no parameters, so th
 any layout, including ``full`` attention (every block study-wide, the naive 3D-CLIP baseline).
 
 Studies with fewer scans than the batch maximum are zero-padded; ``scan_mask`` marks real scans.
-Padded tokens are excluded as keys in study-level attention and from CLS averaging, so a study's
-embedding does not depend on what it is batched with.
+Padded tokens are excluded as keys in study-level attention and from CLS averaging, and scan and
+slice blocks skip the padded scans' windows, so a study's embedding does not depend on what it is
+batched with.
 """
 
 from __future__ import annotations
@@ -205,12 +206,12 @@ class HLIPVisionTransformer(nn.Module):
 
     @staticmethod
     def _real_windows(x: torch.Tensor, scan_mask: torch.Tensor, level: str, s: int,
-                      study_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scan or slice windows of real scans only, and their rows in ``x`` (None: all rows).
 
         A padded scan's windows never reach a real output (hidden as keys at study level, left out
         of the CLS mean and of pooling), so scan and slice blocks skip them."""
-        if level == "study" or study_mask is None:
+        if level == "study" or not padded:
             return x, None
         real = scan_mask if level == "scan" else scan_mask.repeat_interleave(s, dim=1)
         rows = real.reshape(-1).nonzero().squeeze(1)
@@ -258,22 +259,22 @@ class HLIPVisionTransformer(nn.Module):
         _, _, s, t, c = tokens.shape
         weights = scan_mask.to(tokens.dtype)
         # Keys of padded scans are hidden from study-level attention (CLS always visible).
-        study_mask = None
-        if not bool(scan_mask.all()):
+        study_mask, padded = None, not bool(scan_mask.all())
+        if padded:
             keys = scan_mask[:, :, None].expand(b, n, s * t).reshape(b, -1)
             study_mask = torch.cat([keys.new_ones(b, 1), keys], 1)[:, None, None, :]
 
         level = self.levels[0]
         cls = self.cls_token.expand(b, 1, c)
         cls = self._regroup_cls(cls, b, "study", level, n, s, weights)
-        x, rows = self._real_windows(self._to_windows(tokens, cls, level), scan_mask, level, s, study_mask)
+        x, rows = self._real_windows(self._to_windows(tokens, cls, level), scan_mask, level, s, padded)
         for block in self.blocks:
             if block.level != level:
                 x = self._all_windows(x, rows, b * windows_per_study(level, n, s))
                 cls, tokens = x[:, :1], x[:, 1:].reshape(b, n, s, t, c)
                 cls = self._regroup_cls(cls, b, level, block.level, n, s, weights)
                 level = block.level
-                x, rows = self._real_windows(self._to_windows(tokens, cls, level), scan_mask, level, s, study_mask)
+                x, rows = self._real_windows(self._to_windows(tokens, cls, level), scan_mask, level, s, padded)
             mask = study_mask if level == "study" else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
