@@ -88,3 +88,37 @@ def test_flower_strategy_internals_used_by_the_server_are_those_of_flower_1_42()
     assert isinstance(wrapper._pending_events, dict) and isinstance(wrapper.current_arrays, ArrayRecord)
     # The wrapper accounts only when its inner strategy aggregates as FedAvg does.
     assert "aggregate_train" in vars(FedAvg)
+
+
+def test_flower_supernode_runtime_internals_used_by_the_site_launcher_are_those_of_flower_1_42():
+    """client/site_exec.py takes a SuperNode's ClientApp tasks itself through Flower's runtime
+    API; the functions, classes and fields it uses must keep the signatures it was written against."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    def params(f):
+        return list(inspect.signature(f).parameters)
+
+    assert version("flwr").startswith("1.42."), "client/site_exec.py was written against Flower 1.42: re-check it"
+    assert params(pull_task_input) == ["client"]
+    assert params(push_message) == ["client", "message", "context"]
+    assert params(push_task_output) == ["client", "context", "sub_status", "details"]
+    assert params(RuntimeHttpClient.from_server_address) == ["server_address", "insecure", "root_certificates",
+                                                             "interceptors", "retry_invoker"]
+    assert hasattr(RuntimeHttpClient, "AcquireTask") and hasattr(RuntimeHttpClient, "close")
+    assert params(HeartbeatSender) == ["heartbeat_fn"] and params(make_task_heartbeat_fn_http) == ["client"]
+    assert params(make_simple_http_retry_invoker) == []
+    assert params(RuntimeTokenHttpInterceptor) == ["token"]
+    assert params(RuntimeVersionHttpInterceptor) == ["component_name"]
+    assert params(SuperExecAuthHttpInterceptor) == ["master_secret", "protected_methods"]
+    assert set(AcquireTaskRequest.DESCRIPTOR.fields_by_name) >= {"supported_task_types", "agentapp_fab_hashes"}
+    assert TaskType.CLIENT_APP.value == "flwr-clientapp"
