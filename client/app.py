@@ -10,13 +10,13 @@ answer a failure with its error code alone.
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.mods import server_round, site_audit, test_faults
+from client.mods import injected_faults, server_round, site_audit
 from hlip_fed.federation.admission import admit
 from hlip_fed.federation.local import LocalSite, local_site
 from hlip_fed.federation.run import config_from_run, prompts_from_config, resolve_site
 from hlip_fed.federation.transport import encode_arrays, to_array_record
 
-app = ClientApp(mods=[site_audit, test_faults])
+app = ClientApp(mods=[site_audit, injected_faults])
 
 
 def admitted_site(kind: str, msg: Message, context: Context) -> LocalSite:

@@ -4,9 +4,9 @@
   (:mod:`hlip_fed.federation.audit`), and turns any failure into an error reply that carries its
   code alone (:func:`error_code`): what went wrong, which may name the site's files or settings,
   stays in the site's log and audit log.
-* :func:`test_faults` spoils a training reply on purpose when a test asks for it through the node
-  config and the environment (:mod:`hlip_fed.deploy.fault_injection`; it acts on the reply as
-  sent, i.e. on the weights with the default fp32 transport); otherwise it passes the reply
+* :func:`injected_faults` spoils a training reply on purpose when a test asks for it through the
+  node config and the environment (:mod:`hlip_fed.deploy.fault_injection`; it acts on the reply
+  as sent, i.e. on the weights with the default fp32 transport); otherwise it passes the reply
   through untouched.
 """
 
@@ -65,7 +65,7 @@ def site_audit(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-def test_faults(msg: Message, context: Context, call_next) -> Message:
+def injected_faults(msg: Message, context: Context, call_next) -> Message:
     """Spoil a training reply as the node config's test fault asks (nothing asked: untouched)."""
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
