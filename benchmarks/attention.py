@@ -62,6 +62,12 @@ class ModelSpec:
     mlp_ratio: float = 4.0
     embed_dim: int = 512
 
+    @classmethod
+    def of(cls, name: str, vision, depth: int | None = None) -> "ModelSpec":
+        """The spec of a vision config (``model.vision``), optionally cut to ``depth`` blocks."""
+        return cls(name, vision.width, vision.heads, depth or vision.depth, list(vision.img_size),
+                   list(vision.patch_size), vision.mlp_ratio)
+
     @property
     def grid(self) -> tuple[int, int, int]:
         return tuple(s // p for s, p in zip(self.img_size, self.patch_size))
@@ -87,8 +93,7 @@ def preset_spec(preset: str, depth: int | None = None) -> ModelSpec:
 
     v = load_config(preset).model.vision
     d = depth or v.depth
-    name = preset if d == v.depth else f"{preset} ({d} blocks)"
-    return ModelSpec(name, v.width, v.heads, d, list(v.img_size), list(v.patch_size), v.mlp_ratio)
+    return ModelSpec.of(preset if d == v.depth else f"{preset} ({d} blocks)", v, d)
 
 
 # The CPU sweep model: ViT-B scaled by 1/4 in width and 1/4 in tokens per scan. Linear MACs per

@@ -104,11 +104,6 @@ def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
         visual._real_windows = lambda x, *_: (x, None)
 
 
-def vision_spec(cfg) -> ModelSpec:
-    v = cfg.model.vision
-    return ModelSpec(cfg.model.preset, v.width, v.heads, v.depth, list(v.img_size), list(v.patch_size), v.mlp_ratio)
-
-
 def step_flops(spec: ModelSpec, levels: list[str], scans_per_study: list[int]) -> float:
     """FLOPs of the vision tower's forward + backward over one batch, as the defaults compute it:
     the patch embedding and study blocks over every scan slot of the batch (padded ones included),
@@ -278,13 +273,12 @@ def loss_curve(preset: str, overrides: list[str], variant: Variant, seed: int, s
     import torch
 
     from hlip_fed.config import load_config
+    from hlip_fed.train import train_steps
 
     site = Site(load_config(files=[preset], overrides=[*overrides, f"train.seed={seed}",
                                                         f"train.warmup_steps={max(1, steps // 10)}"]),
                 variant, data_dir, state_dir)
     torch.manual_seed(seed)
-    from hlip_fed.train import train_steps
-
     return train_steps(site.model, site.local.tokenizer, site.batches, site.cfg.train, steps,
                        optimizer=site.optimizer, text_cache=site.local.text_cache).losses
 
@@ -334,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hlip-throughput-") as tmp:
         for preset in args.presets:
             defaults = load_config(files=[preset], overrides=overrides)
-            spec = vision_spec(defaults)
+            spec = ModelSpec.of(defaults.model.preset, defaults.model.vision)
             runs = variants(defaults, args.quick)
             sites = {}
             for v in runs:
