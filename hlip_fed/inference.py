@@ -204,8 +204,9 @@ def load_study_tensor(study: Study, data_cfg, img_size) -> tuple[torch.Tensor, l
 
 
 class StudyTensors(Dataset):
-    """The preprocessed tensors of ``studies`` for a DataLoader: ``(tensor, "", study_id)``, or
-    ``(None, reason, study_id)`` for a study none of whose scans can be read."""
+    """The preprocessed tensors of ``studies`` for a DataLoader: ``(tensor, "", index)``, or
+    ``(None, reason, index)`` for a study none of whose scans can be read (``index`` as a string,
+    the place of the study in ``studies``)."""
 
     def __init__(self, studies: list[Study], data_cfg, img_size):
         self.studies, self.data_cfg, self.img_size = studies, data_cfg, img_size
@@ -216,9 +217,9 @@ class StudyTensors(Dataset):
     def __getitem__(self, index: int):
         study = self.studies[index]
         try:
-            return load_study_tensor(study, self.data_cfg, self.img_size)[0], "", study.study_id
+            return load_study_tensor(study, self.data_cfg, self.img_size)[0], "", str(index)
         except DataError as exc:
-            return None, str(exc), study.study_id
+            return None, str(exc), str(index)
 
 
 def embed_studies(model, studies: list[Study], data_cfg, batch_size: int = 8, device: str = "cpu",
@@ -226,21 +227,19 @@ def embed_studies(model, studies: list[Study], data_cfg, batch_size: int = 8, de
     """Normalised embeddings ``[M, E]`` of the readable studies, those studies, and the skipped
     ones (``id -> reason``). An unreadable study is skipped rather than ending a batch run over a
     site; the caller decides whether an empty result is an error."""
-
     skipped: dict[str, str] = {}
 
     def collate_readable(items):
-        for tensor, reason, study_id in items:
+        for tensor, reason, index in items:
             if tensor is None:
-                skipped[study_id] = reason
+                skipped[studies[int(index)].study_id] = reason
         readable = [item for item in items if item[0] is not None]
         return collate_studies(readable) if readable else (None, None, [], [])
 
     loader = DataLoader(StudyTensors(studies, data_cfg, model.cfg.vision.img_size),
                         batch_size=batch_size, collate_fn=collate_readable)
-    emb, ids, _ = embed_images(model, loader, device, desc=desc)
-    by_id = {s.study_id: s for s in studies}
-    return emb, [by_id[i] for i in ids], skipped
+    emb, indices, _ = embed_images(model, loader, device, desc=desc)
+    return emb, [studies[int(i)] for i in indices], skipped
 
 
 def split_labels(text: str) -> list[str]:

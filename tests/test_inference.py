@@ -282,6 +282,7 @@ def test_an_unreadable_study_is_skipped_and_the_others_embed_as_they_do_alone(mi
     mixed = studies[:2] + find_studies([broken]) + studies[2:]
     emb, kept, skipped = embed_studies(model, mixed, tiny_cfg.data, batch_size=2)
     assert [s.study_id for s in kept] == [s.study_id for s in studies]
+    assert all(a is b for a, b in zip(kept, studies))  # the caller's own Study objects, in order
     assert list(skipped) == ["broken"] and "broken" in skipped["broken"]
     alone = torch.cat([embed_studies(model, [s], tiny_cfg.data)[0] for s in studies])
     torch.testing.assert_close(emb, alone, atol=1e-5, rtol=1e-4)
