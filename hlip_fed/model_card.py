@@ -84,7 +84,6 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
         "run_dir": Path(run_dir).name,
     }
     if cfg is not None:
-
         prov.update(config_hash=config_hash(cfg), strategy=cfg.federation.strategy,
                     text_model=cfg.model.text.name, preset=cfg.model.preset)
         if cfg.federation.init:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.report import plot_run, read_rounds, round_table
+from hlip_fed.report import read_rounds, round_table
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,6 @@ def main() -> int:
         print(f"the federated run did not complete: the end of its log is above; all of it in {run / 'flower.log'}",
               file=sys.stderr)
         return 1
-    plot_run(run)
     if not args.no_baselines:
         compare_with_baselines(data, run, overrides, args.seed)
     print(f"\nglobal model:   {run / 'model'}")
