@@ -27,7 +27,7 @@ from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
 from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
-from hlip_fed.model.text_cache import TextFeatureCache, usable
+from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model_card import provenance_from_run, write_model_card
 from hlip_fed.report import tensorboard_round
 
@@ -69,8 +69,8 @@ class Coordinator:
             log.info("resuming %s after round %d", self.run_dir, self.resumed.round)
         self._heldout = None
         # The held-out reports and the prompts are the same texts every round (kept in memory).
-        self.text_cache = (TextFeatureCache.for_model(self.model, self.tokenizer, "fp32", cfg.train.device)
-                           if cfg.train.text_cache and usable(cfg.model.text) else None)
+        self.text_cache = TextFeatureCache.for_training(self.model, self.tokenizer,
+                                                        dataclasses.replace(cfg.train, precision="fp32"))
 
     @property
     def offset(self) -> int:
