@@ -129,12 +129,15 @@ def round_table(rounds: list[RoundRecord]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def format_row(cells: list[str], widths: list[int]) -> str:
+    """One line of the round table, each cell right-aligned to its column's width."""
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+
 def format_round_table(rounds: list[RoundRecord]) -> str:
     header, rows = round_table(rounds)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(format_row(cells, widths) for cells in [header, *rows])
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:

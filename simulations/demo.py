@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.report import read_rounds, round_table
+from hlip_fed.report import format_row, read_rounds, round_table
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +53,11 @@ class RoundLines:
         lines = []
         if self.widths is None and rows:
             self.widths = [max(len(h), 6) for h in header]
-            lines.append("  ".join(h.rjust(w) for h, w in zip(header, self.widths)))
+            lines.append(format_row(header, self.widths))
         for record, row in zip(rounds, rows):
             if record.round not in self.shown:
                 self.shown.add(record.round)
-                lines.append("  ".join(c.rjust(w) for c, w in zip(row, self.widths)))
+                lines.append(format_row(row, self.widths))
         return lines
 
 
