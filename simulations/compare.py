@@ -282,8 +282,9 @@ def summarise(per_seed: list[dict]) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
-    """The methods' headline table, then one table per finding family (zero-shot, probe, ceiling)."""
+def markdown(summary: dict, families: tuple[str, ...] = tuple(FINDING_FAMILIES)) -> str:
+    """The methods' headline table, then one table per finding family in ``families`` (by default
+    all: zero-shot, probe, ceiling)."""
     per: list[tuple[str, dict]] = []
     worst = summary.get("local_worst", {}).get("site")
     for method, b in summary.items():
@@ -308,7 +309,8 @@ def markdown(summary: dict) -> str:
         return out + [f"| {label} | " + " | ".join(fmt(b, k) for k in columns) + " |" for label, b in per]
 
     lines = rows(list(KEYS), [HEADINGS[k] for k in KEYS])
-    for family, (_, title) in FINDING_FAMILIES.items():
+    for family in families:
+        title = FINDING_FAMILIES[family][1]
         names = sorted({k[len(family):] for _, b in per for k in b if k.startswith(family)
                         and not k.endswith(("_sd", "_ci95")) and k[len(family):] != "mean"})
         if names:

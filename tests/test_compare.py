@@ -4,7 +4,7 @@ import json
 import shlex
 
 from conftest import FAST_RUN, write_mini_consortium
-from simulations.compare import main as compare_main
+from simulations.compare import main as compare_main, markdown, summarise
 
 FAMILIES = ("zeroshot_auc_", "probe_auc_", "prompt_ceiling_")
 
@@ -38,6 +38,9 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     worst = res["local_worst"]["site"]
     assert "local_worst" not in md and md.count(f"| local ({worst}, worst) |") == md.count(f"| local (site")  // 3
     assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
+    # The demo's terminal shows the headline and zero-shot tables only: the same lines, fewer tables.
+    short = markdown(summarise(res["per_seed"]), families=("zeroshot_auc_",))
+    assert md.startswith(short.rstrip("\n")) and "probe AUC per finding" not in short
     # Each method's figures and wall time are kept as it finishes; --resume does not redo them.
     progress = json.loads((out / "seed-0" / "progress.json").read_text())
     assert {"pooled", "fedavg", "fedprox", "local-site0", "loso-site2"} <= set(progress["seconds"])
