@@ -91,3 +91,26 @@ def test_a_seeded_federation_matches_its_golden_record(name, mini_consortium, tm
     with open(path) as f:
         want = json.load(f)
     assert_same(json.loads(json.dumps(got)), want, name)
+
+
+def config_hashes():
+    """The config hash of every bundled preset (model presets alone, run presets with their model):
+    checkpoints and on-site caches are keyed by it, so a change breaks resuming runs and reusing caches."""
+    from hlip_fed.config import config_hash, load_config, model_presets
+
+    hashes = {f"model/{m}": config_hash(load_config(m)) for m in model_presets()}
+    for run in ("demo", "learning", "benchmark", "hlip_brain_mri", "hlip_chest_ct"):
+        cfg = load_config(files=[run])
+        hashes[run] = config_hash(cfg)
+        hashes[f"{run}/model"] = config_hash(cfg.model)
+    return hashes
+
+
+def test_the_presets_config_hashes_match_their_golden_record():
+    got, path = config_hashes(), os.path.join(GOLDEN, "config_hashes.json")
+    if os.environ.get("HLIP_FED_GOLDEN") == "write":
+        with open(path, "w") as f:
+            json.dump(got, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(path) as f:
+        assert got == json.load(f)
