@@ -8,8 +8,8 @@ A run is described by one :class:`Config` with four sections (``model``, ``data`
    section; a run preset such as ``demo`` may fill any section) and user YAML files,
 3. dotted command-line overrides such as ``model.vision.depth=6``.
 
-The schemas are omegaconf *structured* configs: a key that does not exist or a value of the wrong
-type raises :class:`ConfigError` with the offending key, so a typo never silently falls back to a
+The schemas are omegaconf *structured* configs: a key that does not exist, a value of the wrong
+type or a value outside a ``Literal`` field's choices raises :class:`ConfigError` with the offending key, so a typo never silently falls back to a
 default.
 """
 
@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hlip_fed.errors import HlipError
 
-LEVELS = ("slice", "scan", "study")
+Level = Literal["slice", "scan", "study"]  # the window a block attends within
 
 
 class ConfigError(HlipError):
@@ -38,8 +38,8 @@ class ConfigError(HlipError):
 class AttentionConfig:
     # "hierarchical": each block attends within the window named in ``levels``;
     # "full": every block attends over the whole study (the naive 3D-CLIP baseline).
-    mode: str = "hierarchical"
-    levels: list[str] = field(default_factory=lambda: ["scan", "scan", "study"])
+    mode: Literal["hierarchical", "full"] = "hierarchical"
+    levels: list[Level] = field(default_factory=lambda: ["scan", "scan", "study"])
 
 
 @dataclass
@@ -57,16 +57,16 @@ class VisionConfig:
     # Patch embedding: "patch" is HLIP's (one Conv3d with kernel = stride = patch_size); "conv" a
     # convolutional stem (3x3x3 convolutions halving the grid until it is the patch grid, GroupNorm,
     # GELU, then a 1x1x1 projection), a prior for small lesions that a patch of several cm hides.
-    stem: str = "patch"
+    stem: Literal["patch", "conv"] = "patch"
     # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
     # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. A small
     # tower trained on little data fits much faster with max pooling than through the CLS token,
     # whose attention starts uniform (measured in docs/benchmarks.md, section 5).
-    pool: str = "token"
+    pool: Literal["token", "max", "avg"] = "token"
     # Position embeddings: "sincos" computes them from the grid (not in the state dict); "stored"
     # keeps them in the state dict, as HLIP's released weights do (derived there from a 2D embedding,
     # so not the 3D sin-cos): an imported model keeps its own, and they travel with its weights.
-    pos_embed: str = "sincos"
+    pos_embed: Literal["sincos", "stored"] = "sincos"
     grad_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -78,20 +78,20 @@ class TextConfig:
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     pretrained: bool = True  # False: random weights from the model's config (plus ``overrides``)
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a tiny BERT for tests
-    pooling: str = "mean"  # "cls" or "mean"
+    pooling: Literal["cls", "mean"] = "mean"
     lock: bool = True  # frozen, no gradients, never trained or federated
     context_length: int = 128
     prefix: str = ""  # prepended to every report, e.g. "This MRI study shows: "
     # The projection into the joint space: "linear" (learnt, HLIP's) or "identity" (the joint space
     # is the encoder's own, which keeps the prompts' geometry; needs embed_dim = the encoder's width).
-    proj: str = "linear"
+    proj: Literal["linear", "identity"] = "linear"
     shuffle_sentences: bool = False  # training-time augmentation of report sentence order
-    sections: str = "all"  # "all", or "findings": only the findings and impression sections
+    sections: Literal["all", "findings"] = "all"  # "findings": only the findings and impression sections
 
 
 @dataclass
 class LossConfig:
-    name: str = "clip"  # "clip" (InfoNCE) or "siglip"
+    name: Literal["clip", "siglip"] = "clip"  # "clip" is InfoNCE
     init_logit_scale: float | None = None  # default: ln(1/0.07) for CLIP, ln(10) for SigLIP
     init_logit_bias: float = -10.0  # SigLIP only
     max_logit_scale: float = 4.605170185988092  # ln(100), CLIP's clamp
@@ -124,7 +124,7 @@ class DataConfig:
     # How a volume is brought to ``model.vision.img_size``: "crop" (resample to ``target_spacing``,
     # then centre pad/crop) or "resize" (resample the whole field of view to ``img_size``). Either
     # resampling matches resolution, so equal output spacings mean equally sharp inputs.
-    fit: str = "resize"
+    fit: Literal["crop", "resize"] = "resize"
     # Scalar normalisation after intensity scaling to [0, 1]: HLIP uses the mean of ImageNet's
     # channel means and stds, which centres the voxels and makes them comparable in size to the
     # frozen position embeddings (with 0/1 the patch signal is drowned by them).
@@ -139,7 +139,7 @@ class DataConfig:
     # Image augmentation of training studies at the site (hlip_fed/data/augment.py): "none",
     # "light" (mirror with the report's sides swapped, affine, brightness) or "scanner" (light plus
     # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution).
-    augment: str = "none"
+    augment: Literal["none", "light", "scanner"] = "none"
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     num_workers: int = 0
 
@@ -158,7 +158,7 @@ class TrainConfig:
     # Pooled training over several sites (simulations.compare's reference): draw every batch from one
     # site, as each site's own training does, instead of mixing sites in a batch.
     site_batches: bool = False
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 only on CUDA
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     fused_optimizer: bool = True  # AdamW's fused kernel instead of its for-each kernels (benchmarks/throughput.py)
@@ -187,7 +187,7 @@ class FederationConfig:
     # bf16 (sent as uint16 bit patterns), and with send_deltas the update w_site - w_global instead
     # of the weights. The server decodes to fp32 before screening and aggregation; the global model
     # always goes out in fp32.
-    transport: str = "fp32"
+    transport: Literal["fp32", "fp16", "bf16"] = "fp32"
     send_deltas: bool = False
     round_timeout_s: float = 600.0
     # How often the server asks the SuperLink for replies while a round's sites work. Deployment's
@@ -206,7 +206,7 @@ class FederationConfig:
     # dp_noise_multiplier * dp_clipping_norm / sites to the average). Site-level (epsilon, delta)
     # is accounted per round at dp_delta with Flower's RDP accountant (needs flwr[dp]), at half the
     # noise multiplier: the site count is public, so one site's update is replaced, not removed.
-    dp: str = "off"
+    dp: Literal["off", "server_fixed"] = "off"
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
@@ -251,6 +251,32 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: invalid config key {key!r}: {reason}") from None
 
 
+# The words YAML 1.1 (omegaconf's parser) reads as booleans.
+_YAML_BOOLS = {False: ("off", "no", "n", "false"), True: ("on", "yes", "y", "true")}
+
+
+def _bool_word_choices(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Dotted keys of the ``Literal`` fields with a choice that YAML reads as a boolean, with their choices."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, hint in get_type_hints(schema).items():
+        if is_dataclass(hint):
+            out.update(_bool_word_choices(hint, f"{prefix}{name}."))
+        elif get_origin(hint) is Literal and any(c in w for w in _YAML_BOOLS.values() for c in get_args(hint)):
+            out[prefix + name] = get_args(hint)
+    return out
+
+
+def _restore_bool_words(node: DictConfig) -> DictConfig:
+    """Give back the word a ``Literal`` choice was written as where YAML read it as a boolean
+    (``federation.dp: off`` is the choice "off", not False)."""
+    for key, choices in _bool_word_choices(Config).items():
+        value = OmegaConf.select(node, key, default=None)
+        word = next((c for c in choices if c in _YAML_BOOLS.get(value, ())), None) if isinstance(value, bool) else None
+        if word is not None:
+            OmegaConf.update(node, key, word)
+    return node
+
+
 def _resolve_file(f: str | Path) -> Path:
     path = Path(f)
     if not path.exists() and (conf_dir() / f"{f}.yaml").exists():
@@ -272,13 +298,13 @@ def load_config(
     means the bundled ``conf/demo.yaml``), dotted ``key=value`` ``overrides``. The preset name is
     ``model`` if given, else ``model.preset`` from the overrides or files, else ``tiny``.
     """
-    layers = [(str(path), _load_yaml(path)) for path in map(_resolve_file, files)]
+    layers = [(str(path), _restore_bool_words(_load_yaml(path))) for path in map(_resolve_file, files)]
     override_list = list(overrides)
     for item in override_list:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        layers.append(("command line", OmegaConf.from_dotlist(override_list)))
+        layers.append(("command line", _restore_bool_words(OmegaConf.from_dotlist(override_list))))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"command line: cannot parse overrides: {exc}") from None
 
@@ -308,41 +334,18 @@ def validate(cfg: Config) -> None:
     for size, patch, axis in zip(v.img_size, v.patch_size, "DHW"):
         if patch <= 0 or size % patch:
             raise ConfigError(f"model.vision.img_size {axis}={size} is not a multiple of patch {patch}")
-    if v.attention.mode not in ("hierarchical", "full"):
-        raise ConfigError(f"model.vision.attention.mode must be hierarchical or full, not {v.attention.mode!r}")
     if len(v.attention.levels) != v.depth:
         raise ConfigError(
             f"model.vision.attention.levels has {len(v.attention.levels)} entries for depth {v.depth}"
         )
-    bad = [lvl for lvl in v.attention.levels if lvl not in LEVELS]
-    if bad:
-        raise ConfigError(f"model.vision.attention.levels: unknown level {bad[0]!r} (use {', '.join(LEVELS)})")
     if v.width % v.heads:
         raise ConfigError(f"model.vision.width {v.width} is not divisible by heads {v.heads}")
     if cfg.data.train_scans is not None and not 1 <= cfg.data.train_scans <= v.max_scans:
         raise ConfigError(f"data.train_scans must be between 1 and model.vision.max_scans ({v.max_scans})")
     if not 0.0 <= v.patch_dropout < 1.0:
         raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
-    if v.stem not in ("patch", "conv"):
-        raise ConfigError(f"model.vision.stem must be patch or conv, not {v.stem!r}")
     if v.stem == "conv" and any(p & (p - 1) for p in v.patch_size):
         raise ConfigError(f"model.vision.stem=conv needs power-of-two patch sizes, not {list(v.patch_size)}")
-    if cfg.model.text.sections not in ("all", "findings"):
-        raise ConfigError(f"model.text.sections must be all or findings, not {cfg.model.text.sections!r}")
-    if cfg.model.text.proj not in ("linear", "identity"):
-        raise ConfigError(f"model.text.proj must be linear or identity, not {cfg.model.text.proj!r}")
-    if v.pos_embed not in ("sincos", "stored"):
-        raise ConfigError(f"model.vision.pos_embed must be sincos or stored, not {v.pos_embed!r}")
-    if v.pool not in ("token", "max", "avg"):
-        raise ConfigError(f"model.vision.pool must be token, max or avg, not {v.pool!r}")
-    if cfg.model.text.pooling not in ("cls", "mean"):
-        raise ConfigError(f"model.text.pooling must be cls or mean, not {cfg.model.text.pooling!r}")
-    if cfg.model.loss.name not in ("clip", "siglip"):
-        raise ConfigError(f"model.loss.name must be clip or siglip, not {cfg.model.loss.name!r}")
-    if cfg.data.augment not in ("none", "light", "scanner"):
-        raise ConfigError(f"data.augment must be none, light or scanner, not {cfg.data.augment!r}")
-    if cfg.data.fit not in ("crop", "resize"):
-        raise ConfigError(f"data.fit must be crop or resize, not {cfg.data.fit!r}")
     fed = cfg.federation
     if fed.max_update_ratio < 0 or (0 < fed.max_update_ratio <= 1):
         raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")
@@ -352,8 +355,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.poll_interval_s must be in (0, 3] seconds")
     if not 1 <= fed.quorum <= max(fed.min_nodes, 1):
         raise ConfigError(f"federation.quorum must be between 1 and federation.min_nodes ({fed.min_nodes})")
-    if fed.dp not in ("off", "server_fixed"):
-        raise ConfigError(f"federation.dp must be off or server_fixed, not {fed.dp!r}")
     if fed.dp != "off":
         if fed.strategy.lower() not in ("fedavg", "fedprox"):
             raise ConfigError(f"federation.dp={fed.dp} needs strategy fedavg or fedprox (Flower's accountant "
@@ -364,10 +365,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError("federation.dp_delta must be strictly between 0 and 1")
         if fed.dp_max_epsilon is not None and not fed.dp_max_epsilon > 0:
             raise ConfigError("federation.dp_max_epsilon must be positive (or null: no limit)")
-    if fed.transport not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"federation.transport must be fp32, fp16 or bf16, not {fed.transport!r}")
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {cfg.train.precision!r}")
 
 
 def to_yaml(cfg: Config | DictConfig | Any) -> str:

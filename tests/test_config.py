@@ -36,6 +36,9 @@ def test_preset_chosen_by_override():
         ("model.preset=vit_huge", "vit_huge"),
         ("data.fit=stretch", "data.fit"),
         ("federation.poll_interval_s=0", "poll_interval_s"),
+        ("model.vision.pool=mean", "model.vision.pool.*token, max, avg|model.vision.pool.*'token', 'max', 'avg'"),
+        ("federation.dp=server", "federation.dp"),
+        ("train.precision=fp8", "train.precision"),
     ],
 )
 def test_bad_keys_are_clear_errors(override, needle):
@@ -53,3 +56,12 @@ def test_config_hash_changes_with_content():
     b = load_config("tiny", overrides=["data.mean=0.5"])
     assert config_hash(a) != config_hash(b)
     assert config_hash(a) == config_hash(load_config("tiny"))
+
+
+def test_a_choice_that_yaml_reads_as_a_bool_is_kept_as_written(tmp_path):
+    # YAML 1.1 reads off/on/no/yes as booleans; federation.dp's "off" must still mean "off".
+    assert load_config("tiny", overrides=["federation.dp=off"]).federation.dp == "off"
+    (tmp_path / "run.yaml").write_text("federation:\n  dp: off\n")
+    assert load_config("tiny", files=[tmp_path / "run.yaml"]).federation.dp == "off"
+    with pytest.raises(ConfigError, match="federation.dp"):
+        load_config("tiny", overrides=["federation.dp=on"])  # no choice is spelt as a true

@@ -136,7 +136,7 @@ def test_resuming_without_a_ledger_is_refused():
 def test_config_refuses_dp_with_aggregations_flower_cannot_account():
     with pytest.raises(HlipError, match="fedavg or fedprox"):
         load_config("tiny", overrides=["federation.dp=server_fixed", "federation.strategy=fedadam"])
-    with pytest.raises(HlipError, match="federation.dp must be"):
+    with pytest.raises(HlipError, match="federation.dp.*server_fixed"):
         load_config("tiny", overrides=["federation.dp=local"])
     with pytest.raises(HlipError, match="dp_delta"):
         load_config("tiny", overrides=["federation.dp=server_fixed", "federation.dp_delta=1"])
