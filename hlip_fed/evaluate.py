@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from tqdm import tqdm
 
 from hlip_fed.model import HLIP
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
-from hlip_fed.progress import progress
 
 DEFAULT_TEMPLATE = "{}"
 
@@ -52,7 +52,7 @@ def embed_images(model: HLIP, loader: Iterable, device: str = "cpu",
     (every study of it unreadable) is passed over."""
     model.eval()
     feats, ids, reports = [], [], []
-    for images, scan_mask, batch_reports, batch_ids in progress(loader, desc=desc, unit="batch"):
+    for images, scan_mask, batch_reports, batch_ids in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         if not batch_ids:
             continue
         feats.append(model.encode_image(images.to(device), scan_mask.to(device)).float().cpu())

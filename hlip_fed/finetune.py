@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from hlip_fed.data.dataset import collate_studies
 from hlip_fed.data.errors import DataError
@@ -42,7 +43,6 @@ from hlip_fed.errors import HlipError
 from hlip_fed.evaluate import embed_images
 from hlip_fed.inference import load_study_tensor
 from hlip_fed.predict import calibration_split, class_embeddings, class_logits
-from hlip_fed.progress import progress
 
 log = logging.getLogger("hlip_fed.finetune")
 
@@ -66,7 +66,8 @@ def load_labelled(studies, truth: dict[str, int], data_cfg, img_size, holdout: f
     """Read the labelled studies once and split them (see the module docstring)."""
 
     ids, tensors, ys, splits, skipped = [], [], [], [], {}
-    for s in progress([s for s in studies if s.study_id in truth], desc="reading studies", unit="study"):
+    for s in tqdm([s for s in studies if s.study_id in truth], desc="reading studies", unit="study", leave=False,
+                  disable=None):
         try:
             t, _ = load_study_tensor(s, data_cfg, img_size)
         except DataError as exc:
@@ -227,7 +228,7 @@ def few_shot_curve(model, tokenizer, data: LabelledSet, labels: list[str], templ
     commonest = int(np.bincount(y[data.train]).argmax())
     rows, kept_probe = [], None
     plan = [(k, r) for k in shots for r in range(1 if k is None else repeats)]
-    for k, r in progress(plan, desc="few-shot", unit="fit"):
+    for k, r in tqdm(plan, desc="few-shot", unit="fit", leave=False, disable=None):
         idx = sample_shots(y, data.train, k, seed + 1000 * r + (k or 0))
         base = {"shots": "all" if k is None else k, "repeat": r, "n_train": int(len(idx))}
         probe = fit_probe(feats[idx], y[idx], len(labels))  # also the full fine-tuning's first head

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hlip_fed.config import TrainConfig
 from hlip_fed.model import HLIP
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
-from hlip_fed.progress import progress
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, scan_mask, reports, ids
 
@@ -123,7 +123,7 @@ def train_steps(
     stats = TrainStats()
     model.train()
     t0 = time.perf_counter()
-    bar = progress(total=steps, desc="local training", unit="step")
+    bar = tqdm(total=steps, desc="local training", unit="step", leave=False, disable=None)
     for i in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(start_step + i, cfg, total_steps)

@@ -64,6 +64,19 @@ def test_the_library_uses_flower_only_for_records_packaging_and_privacy_accounti
     assert not bad, f"the library imports Flower's runtime: {bad}"
 
 
+def test_every_progress_bar_is_silent_off_a_terminal():
+    # tqdm draws on any stream by default; disable=None turns a bar off where stderr is not a TTY
+    # (a SuperNode's log, a scheduler, CI), so every bar must pass it.
+    loud = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "tqdm":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("disable"), ast.Constant) and kw["disable"].value is None):
+                    loud.append(f"{name}:{node.lineno}")
+    assert not loud, f"progress bars drawn off a terminal: {loud}"
+
+
 def test_flower_strategy_internals_used_by_the_server_are_those_of_flower_1_42():
     """server/privacy.py subclasses Flower's server-side fixed-clipping wrapper and overrides or
     reads the names below; each must still exist with the signature it was written against."""

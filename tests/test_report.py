@@ -67,27 +67,6 @@ def test_model_card_records_provenance_intended_use_and_licences(tmp_path):
     assert data["training"]["config_hash"] == prov["config_hash"] and data["code_version"]
 
 
-def test_progress_bars_are_quiet_off_a_terminal_and_in_ci(monkeypatch, capsys):
-    import io
-
-    from hlip_fed import progress
-
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.delenv("CI", raising=False)
-    monkeypatch.delenv(progress.ENV, raising=False)
-    assert progress.enabled(Tty()) and not progress.enabled(io.StringIO())
-    monkeypatch.setenv("CI", "true")
-    assert not progress.enabled(Tty())
-    monkeypatch.setenv(progress.ENV, "1")
-    assert progress.enabled(io.StringIO())
-    monkeypatch.setenv(progress.ENV, "0")
-    assert list(progress.progress(range(3), desc="x")) == [0, 1, 2]
-    assert capsys.readouterr().err == ""
-
-
 def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
     from omegaconf import OmegaConf
 

@@ -25,9 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from hlip_fed.errors import HlipError
-from hlip_fed.progress import progress
 from hlip_fed.synth.findings import FINDINGS, FINDING_TITLES
 from hlip_fed.synth.prompts import PROMPTS
 from hlip_fed.synth.render import StudyPlan, render_study
@@ -140,7 +140,7 @@ def build_consortium(out: Path, preset_name: str = "demo", sites: int | None = N
     plans = [plan for cohort in cohorts.values() for plan in cohort]
     head_atlas()  # built once here, inherited by forked workers
     records: dict[str, list[dict]] = {name: [] for name in cohorts}
-    with progress(total=len(plans), desc="synth", unit="study") as bar:
+    with tqdm(total=len(plans), desc="synth", unit="study", leave=False, disable=None) as bar:
         if workers > 1:
             import multiprocessing as mp
 
