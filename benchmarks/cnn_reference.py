@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import ConcatDataset
 
     from hlip_fed.synth.truth import load_records
-    from hlip_fed.train import cycle
+    from hlip_fed.training.train import cycle
 
     opened = open_consortium(args.data, args.config, args.overrides)
     if opened is None:

@@ -43,7 +43,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 from benchmarks.common import TreeMemorySampler, machine, table, write_json
 from simulations.toy_consortium import write_consortium
 
@@ -262,7 +261,7 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
     from hlip_fed.federation.coordinator import Coordinator
     from hlip_fed.federation.round_record import RoundRecord
     from hlip_fed.federation.run import config_from_run
-    from hlip_fed.report import CurvePlotter
+    from hlip_fed.outputs.report import CurvePlotter
 
     rc = run_config(data, run, sites, rounds, overrides, preset)
     ends, phases, site_seconds, builds = [], [], [], []

@@ -73,7 +73,7 @@ def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
     from sklearn.metrics import roc_auc_score
 
     from hlip_fed.data.manifest import read_report
-    from hlip_fed.evaluate import DEFAULT_TEMPLATE
+    from hlip_fed.training.evaluate import DEFAULT_TEMPLATE
 
     @torch.no_grad()
     def features(texts: list[str]) -> torch.Tensor:
@@ -112,7 +112,7 @@ def supervised_steps(visual, head, batches, opt, labels, findings, steps, train_
     import torch
     import torch.nn.functional as F
 
-    from hlip_fed.train import lr_at
+    from hlip_fed.training.train import lr_at
 
     visual.train()
     losses = []
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import ConcatDataset
 
-    from hlip_fed.evaluate import evaluate
     from hlip_fed.model import create_model, create_tokenizer
     from hlip_fed.model.text_cache import TextFeatureCache
-    from hlip_fed.train import cycle, make_optimizer, train_steps
+    from hlip_fed.training.evaluate import evaluate
+    from hlip_fed.training.train import cycle, make_optimizer, train_steps
 
     opened = open_consortium(args.data, args.config, args.overrides)
     if opened is None:

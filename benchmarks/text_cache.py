@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from benchmarks.common import machine, table, write_json
 
 TINY_TEXT = [
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from hlip_fed.federation.local import LocalSite
     from hlip_fed.federation.params import get_arrays
     from hlip_fed.federation.run import Site, consortium_sites, read_prompts
-    from hlip_fed.train import autocast
+    from hlip_fed.training.train import autocast
 
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides)

@@ -1,6 +1,6 @@
 """Studies per second of a whole training step on CPUs: today's settings against the new defaults.
 
-A whole step is what a site's round runs per optimiser step (:func:`hlip_fed.train.train_steps`):
+A whole step is what a site's round runs per optimiser step (:func:`hlip_fed.training.train.train_steps`):
 the next batch from the site's DataLoader (the on-site tensor cache warm, augmentation as the
 preset sets it), the report features (the locked text encoder's cache, warm), forward, backward,
 gradient clipping and AdamW. One site of a consortium is built once per variant in one process,
@@ -41,7 +41,6 @@ import time
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
 
 from benchmarks.attention import ModelSpec, forward_macs
 from benchmarks.common import machine, table, write_json
@@ -143,7 +142,7 @@ class Site:
         from hlip_fed.data.dataset import collate_studies
         from hlip_fed.federation.local import LocalSite
         from hlip_fed.federation.run import Site as SiteSpec
-        from hlip_fed.train import cycle, make_optimizer
+        from hlip_fed.training.train import cycle, make_optimizer
 
         cfg.train.precision = variant.precision
         cfg.train.fused_optimizer = variant.fused
@@ -172,7 +171,7 @@ class Site:
             yield batch
 
     def run(self, steps: int, record: bool = True) -> None:
-        from hlip_fed.train import train_steps
+        from hlip_fed.training.train import train_steps
 
         marks = [time.perf_counter()]
         stats = train_steps(self.model, self.local.tokenizer, self.timed_batches(), self.cfg.train, steps,
@@ -250,7 +249,7 @@ def vision_step_seconds(site: Site, repeats: int) -> tuple[float, list[int]]:
     """Median time of the vision tower's forward + backward on one batch held in memory."""
     import torch
 
-    from hlip_fed.train import autocast
+    from hlip_fed.training.train import autocast
 
     images, mask, _, _ = next(site.batches)
     visual = site.model.visual
@@ -273,7 +272,7 @@ def loss_curve(preset: str, overrides: list[str], variant: Variant, seed: int, s
     import torch
 
     from hlip_fed.config import load_config
-    from hlip_fed.train import train_steps
+    from hlip_fed.training.train import train_steps
 
     site = Site(load_config(files=[preset], overrides=[*overrides, f"train.seed={seed}",
                                                         f"train.warmup_steps={max(1, steps // 10)}"]),

@@ -19,7 +19,7 @@ from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.params import text_tower_hash
 from hlip_fed.federation.run import config_from_run, prompts_to_config, run_dir
-from hlip_fed.report import CurvePlotter
+from hlip_fed.outputs.report import CurvePlotter
 from server.grid import PromptGrid
 from server.strategy import build_strategy
 

@@ -36,7 +36,7 @@ from hlip_fed.errors import HlipError
 from hlip_fed.federation.coordinator import Coordinator
 from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.run import config_from_run, run_dir
-from hlip_fed.report import CurvePlotter
+from hlip_fed.outputs.report import CurvePlotter
 
 log = logging.getLogger("hlip_fed.server")
 

@@ -35,10 +35,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import aggregate_site_metrics
 from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.screen import screen_replies, screen_update_norms
 from hlip_fed.federation.transport import decode_replies
+from hlip_fed.training.evaluate import aggregate_site_metrics
 from server.privacy import ScreenedFixedClipping, build_private_strategy
 
 log = logging.getLogger("hlip_fed.server")

@@ -45,13 +45,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
-from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.params import federated_keys, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
-from hlip_fed.report import read_rounds
-from hlip_fed.train import cycle, make_optimizer, train_steps
+from hlip_fed.outputs.report import read_rounds
+from hlip_fed.training.evaluate import evaluate
+from hlip_fed.training.train import cycle, make_optimizer, train_steps
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
 KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.report import format_row, read_rounds, round_table
+from hlip_fed.outputs.report import format_row, read_rounds, round_table
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]

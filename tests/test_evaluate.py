@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from hlip_fed.evaluate import evaluate, probe_aucs
 from hlip_fed.model import create_model, create_tokenizer
+from hlip_fed.training.evaluate import evaluate, probe_aucs
 
 PROMPTS = {"bleed": (["no bleed seen"], ["an obvious bleed"]), "shrink": (["normal volume"], ["marked shrinkage"])}
 

@@ -153,7 +153,8 @@ def test_a_federation_starts_from_an_imported_model_and_its_card_says_so(mini_co
 
     official = official_vision("tiny", overrides=tuple(FAST_RUN))
     torch.save(official, tmp_path / "hlip.pt")
-    import_checkpoint(tmp_path / "hlip.pt", "tiny", tmp_path / "hlip", overrides=FAST_RUN)
+    assert cli(["model", "import", str(tmp_path / "hlip.pt"), *FAST_RUN, "--preset", "tiny", "--out",
+                str(tmp_path / "hlip"), "--vision-only"]) == 0
     run = tmp_path / "run"
     overrides = FAST_RUN + ["model.vision.pos_embed=stored", "federation.rounds=1", f"federation.init={tmp_path / 'hlip'}"]
     run_federation({"config": "", "overrides": shlex.join(overrides), "data-root": str(mini_consortium),

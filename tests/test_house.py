@@ -51,6 +51,31 @@ def test_the_project_imports_form_no_cycle():
         pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
 
 
+# The layers of the house (ARCHITECTURE.md), lowest first: a module imports its own row or lower ones.
+ROWS = (
+    ("hlip_fed.config", "hlip_fed.errors", "hlip_fed.atomic", "hlip_fed"),
+    ("hlip_fed.model", "hlip_fed.data", "hlip_fed.deploy", "hlip_fed.security"),
+    ("hlip_fed.training", "hlip_fed.synth"),
+    ("hlip_fed.federation", "hlip_fed.downstream", "hlip_fed.outputs"),
+    ("client", "server"),
+    ("hlip_fed.cli", "hlip_fed.commands", "simulations", "benchmarks"),
+)
+
+
+def row_of(module: str) -> int:
+    """The row of the longest package prefix that holds ``module``."""
+    matches = [(len(p), i) for i, row in enumerate(ROWS) for p in row if module == p or module.startswith(p + ".")]
+    assert matches, f"{module} is in no row of the house"
+    return max(matches)[1]
+
+
+def test_imports_flow_from_upper_layers_to_lower_ones():
+    mods = modules()
+    upward = sorted(f"{name} -> {m}" for name, path in mods.items() for m in imports_of(path, name)
+                    if m in mods and row_of(m) > row_of(name))
+    assert not upward, f"imports from a lower layer to a higher one: {upward}"
+
+
 def test_the_library_uses_flower_only_for_records_packaging_and_privacy_accounting():
     allowed = ("flwr.app", "flwr.common.record", "flwr.cli", "flwr.supercore.privacy_accounting")
     bad = {}

@@ -146,8 +146,8 @@ def own_report_first(results, reports):
 
 
 def test_retrieve_ranks_the_own_report_first_more_often_than_chance(trained, capsys, tmp_path):
-    from hlip_fed.explain import poisson_binomial_sf
-    from hlip_fed.inference import find_studies
+    from hlip_fed.downstream.explain import poisson_binomial_sf
+    from hlip_fed.downstream.inference import find_studies
 
     root, model = trained
     test_dir = root / "heldout" / "test"
@@ -191,8 +191,8 @@ def test_finetune_beats_zero_shot_with_ten_shots(trained, capsys, tmp_path):
 def test_explain_puts_its_strongest_patch_on_the_lesion(trained, capsys, tmp_path):
     import nibabel as nib
 
-    from hlip_fed.explain import foreground_mask, lesion_hit, lesion_hit_test, patch_scores
-    from hlip_fed.inference import find_studies, load_data_config, load_model, load_study_tensor
+    from hlip_fed.downstream.explain import foreground_mask, lesion_hit, lesion_hit_test, patch_scores
+    from hlip_fed.downstream.inference import find_studies, load_data_config, load_model, load_study_tensor
 
     root, model_dir = trained
     model, tok = load_model(model_dir)
@@ -219,8 +219,8 @@ def test_explain_puts_its_strongest_patch_on_the_lesion(trained, capsys, tmp_pat
 
 def test_studies_are_found_as_files_folders_sites_and_manifests(mini_consortium):
     from hlip_fed.data.manifest import index_site, write_manifest
+    from hlip_fed.downstream.inference import find_studies
     from hlip_fed.errors import HlipError
-    from hlip_fed.inference import find_studies
 
     site = mini_consortium / "sites" / "site0"
     study = site / "train" / "s0-train-1"
@@ -236,7 +236,7 @@ def test_studies_are_found_as_files_folders_sites_and_manifests(mini_consortium)
 
 
 def test_temperature_scaling_fixes_an_overconfident_classifier():
-    from hlip_fed.predict import calibration_report, expected_calibration_error, fit_temperature, softmax
+    from hlip_fed.downstream.predict import calibration_report, expected_calibration_error, fit_temperature, softmax
 
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 1.5, (4000, 3))
@@ -251,7 +251,7 @@ def test_temperature_scaling_fixes_an_overconfident_classifier():
 def test_the_probe_becomes_a_head_with_the_same_probabilities():
     from sklearn.linear_model import LogisticRegression
 
-    from hlip_fed.finetune import probe_head
+    from hlip_fed.downstream.finetune import probe_head
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5)).astype(np.float32)
@@ -269,7 +269,7 @@ def test_an_unreadable_study_is_skipped_and_the_others_embed_as_they_do_alone(mi
     import dataclasses
     import shutil
 
-    from hlip_fed.inference import embed_studies, find_studies
+    from hlip_fed.downstream.inference import embed_studies, find_studies
     from hlip_fed.model import create_model
 
     model = create_model(dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(

@@ -38,7 +38,7 @@ def test_report_prints_the_table_and_writes_self_contained_html_and_markdown(tmp
 def test_tensorboard_scalars_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hlip_fed.report import close_tensorboard, read_rounds, tensorboard_round
+    from hlip_fed.outputs.report import close_tensorboard, read_rounds, tensorboard_round
 
     run = fake_run(tmp_path / "run")
     for rec in read_rounds(run):
@@ -52,7 +52,7 @@ def test_tensorboard_scalars_read_back(tmp_path):
 
 def test_model_card_records_provenance_intended_use_and_licences(tmp_path):
     from hlip_fed.config import load_config
-    from hlip_fed.model_card import provenance_from_run, write_model_card
+    from hlip_fed.outputs.model_card import provenance_from_run, write_model_card
 
     run = fake_run(tmp_path / "run")
     (tmp_path / "data" / "site").mkdir(parents=True)
@@ -71,7 +71,7 @@ def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
     from omegaconf import OmegaConf
 
     from hlip_fed.config import load_config
-    from hlip_fed.model_card import write_model_card
+    from hlip_fed.outputs.model_card import write_model_card
 
     for overrides, expected in (([], []), (["model.vision.pool=max", "model.text.proj=identity", "model.embed_dim=384"],
                                            ["max pooling", "no projection"])):
@@ -87,7 +87,7 @@ def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
 def test_the_demo_prints_each_round_once_as_it_is_recorded_and_keeps_flowers_log(tmp_path, capsys):
     import sys
 
-    from hlip_fed.report import format_round_table, read_rounds
+    from hlip_fed.outputs.report import format_round_table, read_rounds
     from simulations.demo import RoundLines, federate
 
     run = fake_run(tmp_path / "run", rounds=2)
@@ -116,7 +116,7 @@ def test_the_demo_prints_each_round_once_as_it_is_recorded_and_keeps_flowers_log
 
 
 def test_curves_are_drawn_in_the_background_and_close_waits_for_the_last(tmp_path, monkeypatch, caplog):
-    import hlip_fed.report as report
+    import hlip_fed.outputs.report as report
 
     run = fake_run(tmp_path / "run", rounds=2)
     drawn = []

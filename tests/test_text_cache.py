@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from test_train import batches
 
 from hlip_fed.errors import HlipError
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache, usable
-from hlip_fed.train import train_steps
-from test_train import batches
+from hlip_fed.training.train import train_steps
 
 
 @pytest.fixture
@@ -134,6 +134,7 @@ def test_training_paths_cache_a_locked_tower_unless_told_not_to(small_cfg):
 
 def test_a_site_encodes_each_report_once_across_rounds(mini_consortium, tmp_path):
     from conftest import FAST_RUN
+
     from hlip_fed.config import load_config
     from hlip_fed.federation.local import LocalSite
     from hlip_fed.federation.params import get_arrays
@@ -156,6 +157,7 @@ def test_a_site_encodes_each_report_once_across_rounds(mini_consortium, tmp_path
 
 def test_evaluation_encodes_reports_and_prompts_once_and_agrees_with_uncached(mini_consortium, tmp_path):
     from conftest import FAST_RUN
+
     from hlip_fed.config import load_config
     from hlip_fed.federation.coordinator import Coordinator
     from hlip_fed.federation.local import LocalSite

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hlip_fed.model import create_model, create_tokenizer
-from hlip_fed.train import lr_at, make_optimizer, train_steps
-
+from hlip_fed.training.train import lr_at, make_optimizer, train_steps
 
 REPORTS = {
     0: "No focal abnormality. The brain parenchyma is unremarkable.",

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("explain", help="maps of where a study matches a text (gradient x input)",
                               description="Gradient x input of the image-text similarity on the patch "
                               "tokens, mapped back onto each scan and overlaid on axial, coronal and "
-                              "sagittal slices through its strongest patch (see hlip_fed/explain.py for why "
+                              "sagittal slices through its strongest patch (see hlip_fed/downstream/explain.py for why "
                               "not attention rollout).")
     add_model_args(p)
     p.add_argument("study", metavar="STUDY", help="one study; " + STUDY_HELP)
@@ -31,8 +31,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hlip_fed.explain import explain_study, plot_maps
-    from hlip_fed.inference import find_studies, load_data_config, load_model
+    from hlip_fed.downstream.explain import explain_study, plot_maps
+    from hlip_fed.downstream.inference import find_studies, load_data_config, load_model
 
     setup_torch(args)
     studies = find_studies([args.study])

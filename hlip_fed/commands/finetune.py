@@ -38,9 +38,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hlip_fed.finetune import few_shot_curve, format_table, load_labelled, parse_shots, write_outputs
-    from hlip_fed.inference import check_template, find_studies, load_data_config, load_model, split_labels
-    from hlip_fed.predict import read_labels_file
+    from hlip_fed.downstream.finetune import few_shot_curve, format_table, load_labelled, parse_shots, write_outputs
+    from hlip_fed.downstream.inference import check_template, find_studies, load_data_config, load_model, split_labels
+    from hlip_fed.downstream.predict import read_labels_file
 
     setup_torch(args)
     labels = split_labels(args.labels)

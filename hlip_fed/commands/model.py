@@ -24,11 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     tower = imp.add_mutually_exclusive_group(required=True)
     tower.add_argument("--vision-only", action="store_true", help="import the vision tower; keep the preset's text tower")
     tower.add_argument("--text-dir", type=Path, help="a local BERT folder (config, tokenizer) for the checkpoint's text weights")
+    imp.add_argument("overrides", nargs="*", help="dotted key=value overrides of the preset, right after the checkpoint")
     imp.set_defaults(func=run_import)
     inf = cmds.add_parser("inflate", help="a 2D ViT state dict (timm names, e.g. MAE's ViT-B) inflated to a 3D preset")
     inf.add_argument("checkpoint", type=Path)
     inf.add_argument("--preset", required=True, help="the 3D model preset, e.g. vit_base_multiscan_h3_token1176")
     inf.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    inf.add_argument("overrides", nargs="*", help="dotted key=value overrides of the preset, right after the checkpoint")
     inf.set_defaults(func=run_inflate)
     exp = cmds.add_parser("export", help="a model folder in HLIP's checkpoint layout")
     exp.add_argument("model_dir", type=Path)
@@ -39,9 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from hlip_fed.model.hlip_layout import import_checkpoint
+    import hashlib
 
-    out = import_checkpoint(args.checkpoint, args.preset, args.out, text_dir=args.text_dir)
+    from hlip_fed.config import load_config
+    from hlip_fed.model.hlip_layout import import_checkpoint
+    from hlip_fed.outputs.model_card import write_model_card
+
+    out = import_checkpoint(args.checkpoint, args.preset, args.out, text_dir=args.text_dir, overrides=args.overrides)
+    digest = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()
+    towers = "vision and text towers" if args.text_dir else "vision tower (text tower: the preset's)"
+    text_model = str(args.text_dir.resolve()) if args.text_dir else load_config(args.preset, overrides=args.overrides).model.text.name
+    write_model_card(out, {"initial_weights": f"HLIP checkpoint {args.checkpoint.name} (sha256 {digest[:16]}), "
+                                              f"{towers}, imported with hlip-fed model import",
+                           "preset": args.preset, "text_model": text_model})
     print(f"imported {args.checkpoint} -> {out} (preset {args.preset}, "
           f"{'vision and text towers' if args.text_dir else 'vision tower'})")
     return 0
@@ -49,8 +61,12 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_inflate(args: argparse.Namespace) -> int:
     from hlip_fed.model.hlip_layout import inflate_2d
+    from hlip_fed.outputs.model_card import write_model_card
 
-    print(f"inflated {args.checkpoint} -> {inflate_2d(args.checkpoint, args.preset, args.out)} (preset {args.preset})")
+    out = inflate_2d(args.checkpoint, args.preset, args.out, overrides=args.overrides)
+    write_model_card(out, {"initial_weights": f"2D ViT {args.checkpoint.name} inflated to {args.preset} "
+                                              "(hlip-fed model inflate); heads and text tower initialised"})
+    print(f"inflated {args.checkpoint} -> {out} (preset {args.preset})")
     return 0
 
 

@@ -71,8 +71,8 @@ def read_prompts_file(path: str | None) -> dict[str, list[str]] | None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from hlip_fed.inference import check_template, find_studies, load_data_config, load_model, split_labels
-    from hlip_fed.predict import calibration_report, predict_studies, read_labels_file, read_temperature
+    from hlip_fed.downstream.inference import check_template, find_studies, load_data_config, load_model, split_labels
+    from hlip_fed.downstream.predict import calibration_report, predict_studies, read_labels_file, read_temperature
 
     setup_torch(args)
     labels = split_labels(args.labels)

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hlip_fed.report import export_tensorboard, format_round_table, read_rounds, write_run_report
+    from hlip_fed.outputs.report import export_tensorboard, format_round_table, read_rounds, write_run_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -29,10 +29,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hlip_fed.evaluate import embed_texts
-    from hlip_fed.inference import embed_studies, find_studies, load_data_config, load_model
-    from hlip_fed.retrieve import (EmbeddingCache, embed_report_corpus, embed_study_corpus, model_fingerprint,
-                                   rank, read_reports)
+    from hlip_fed.downstream.inference import embed_studies, find_studies, load_data_config, load_model
+    from hlip_fed.downstream.retrieve import (EmbeddingCache, embed_report_corpus, embed_study_corpus,
+                                              model_fingerprint, rank, read_reports)
+    from hlip_fed.training.evaluate import embed_texts
 
     if args.top < 1:
         raise HlipError("-k must be at least 1")

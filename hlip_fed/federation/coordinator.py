@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from hlip_fed.config import Config, config_hash
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import evaluate
 from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, start_from
 from hlip_fed.federation.privacy import LEDGER_KEY as PRIVACY_LEDGER
@@ -28,8 +27,9 @@ from hlip_fed.federation.round_record import RoundRecord
 from hlip_fed.federation.run import read_labels, read_prompts
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
-from hlip_fed.model_card import provenance_from_run, write_model_card
-from hlip_fed.report import tensorboard_round
+from hlip_fed.outputs.model_card import provenance_from_run, write_model_card
+from hlip_fed.outputs.report import tensorboard_round
+from hlip_fed.training.evaluate import evaluate
 
 log = logging.getLogger("hlip_fed.federation")
 

@@ -26,14 +26,14 @@ from torch.utils.data import DataLoader
 
 from hlip_fed.config import Config
 from hlip_fed.data.dataset import SiteDataset, collate_studies
-from hlip_fed.evaluate import evaluate
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, text_tower_hash
 from hlip_fed.federation.run import Site, read_labels
 from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
-from hlip_fed.train import cycle, make_optimizer, train_steps
+from hlip_fed.training.evaluate import evaluate
+from hlip_fed.training.train import cycle, make_optimizer, train_steps
 
 log = logging.getLogger("hlip_fed.federation")
 

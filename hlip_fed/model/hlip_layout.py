@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from hlip_fed.errors import HlipError
-from hlip_fed.federation.params import set_arrays
 
 # (official prefix, this model's prefix); the first match wins.
 PREFIXES = (
@@ -107,7 +106,7 @@ def to_official(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], required: tuple[str, ...],
               source: str, name=lambda key: next(iter(to_official({key: None})))) -> None:
-    """Copy ``weights`` into ``model`` (:func:`~hlip_fed.federation.params.set_arrays`) after checking,
+    """Copy ``weights`` into ``model`` after checking,
     with the checkpoint's own key names in the errors, that every key exists with its shape and that
     every model key under a ``required`` prefix is given (nothing is left at its initial value)."""
     state = model.state_dict()
@@ -122,22 +121,19 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], required
     if missing:
         raise HlipError(f"{source}: no weights for {missing[0]!r}" + (f" and {len(missing) - 1} more"
                                                                      if len(missing) > 1 else ""))
-    set_arrays(model, weights)
+    model.load_state_dict(weights, strict=False)
 
 
 def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text_dir: str | Path | None = None,
                       overrides: list[str] | None = None) -> Path:
-    """An HLIP checkpoint as a saved hlip-fed model folder (model card included).
+    """An HLIP checkpoint as a saved hlip-fed model folder (``hlip-fed model import`` adds its card).
 
     Without ``text_dir`` only the vision tower (and the temperature) is imported and the preset's
     text tower is kept; with it, ``text_dir`` is a local BERT folder (config and tokenizer) that
     receives the checkpoint's text weights (CLS pooling, linear projection, as HLIP's).
     """
-    import hashlib
-
     from hlip_fed.config import load_config
     from hlip_fed.model.factory import create_model
-    from hlip_fed.model_card import write_model_card
 
     official = read_checkpoint(checkpoint)
     weights = to_local(official, str(checkpoint))
@@ -159,11 +155,6 @@ def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text
     out = model.save_pretrained(out)
     if text_dir is not None:  # a complete text model folder, for the sites' model.text.name
         model.text.encoder.save_pretrained(str(out / "text"))
-    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-    towers = "vision and text towers" if text_dir is not None else "vision tower (text tower: the preset's)"
-    write_model_card(out, {"initial_weights": f"HLIP checkpoint {Path(checkpoint).name} (sha256 {digest[:16]}), "
-                                              f"{towers}, imported with hlip-fed model import",
-                           "preset": preset, "text_model": cfg.model.text.name})
     return out
 
 
@@ -211,7 +202,6 @@ def inflate_2d(checkpoint: str | Path, preset: str, out: str | Path, overrides: 
     from hlip_fed.config import load_config
     from hlip_fed.model.factory import create_model
     from hlip_fed.model.pos_embed import sincos_1d
-    from hlip_fed.model_card import write_model_card
 
     state = read_checkpoint(checkpoint)
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
@@ -248,7 +238,4 @@ def inflate_2d(checkpoint: str | Path, preset: str, out: str | Path, overrides: 
     model = create_model(cfg.model, seed=0)
     load_into(model, weights, ("visual.blocks.", "visual.norm.", "visual.patch_embed.", "visual.cls_token",
                                "visual.pos_"), str(checkpoint), name=lambda key: key.removeprefix("visual."))
-    out = model.save_pretrained(out)
-    write_model_card(out, {"initial_weights": f"2D ViT {Path(checkpoint).name} inflated to {preset} "
-                                              "(hlip-fed model inflate); heads and text tower initialised"})
-    return out
+    return model.save_pretrained(out)

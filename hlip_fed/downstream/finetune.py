@@ -39,12 +39,12 @@ from tqdm import tqdm
 
 from hlip_fed.data.dataset import collate_studies
 from hlip_fed.data.errors import DataError
+from hlip_fed.downstream.inference import load_study_tensor
+from hlip_fed.downstream.predict import calibration_split, class_embeddings, class_logits
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import embed_images
-from hlip_fed.inference import load_study_tensor
-from hlip_fed.predict import calibration_split, class_embeddings, class_logits
+from hlip_fed.training.evaluate import embed_images
 
-log = logging.getLogger("hlip_fed.finetune")
+log = logging.getLogger("hlip_fed.downstream.finetune")
 
 METHODS = ("probe", "full")
 

@@ -35,10 +35,10 @@ from hlip_fed.data.manifest import MANIFEST_NAME, REPORT_NAME, SPLITS, load_site
 from hlip_fed.data.preprocess import preprocess
 from hlip_fed.data.readers import read_scan
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import embed_images
 from hlip_fed.model import load_pretrained
+from hlip_fed.training.evaluate import embed_images
 
-log = logging.getLogger("hlip_fed.inference")
+log = logging.getLogger("hlip_fed.downstream.inference")
 
 
 @dataclass

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from hlip_fed.data.preprocess import from_model_grid
+from hlip_fed.downstream.inference import load_study_tensor
 from hlip_fed.errors import HlipError
-from hlip_fed.inference import load_study_tensor
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A study's class probabilities are CLIP's: the softmax over classes of ``exp(logit_scale) *
 cos(image, prompt)``, one prompt per class (``template.format(class)``; several phrasings of a
-class are averaged as normalised embeddings, as in :func:`hlip_fed.evaluate.zeroshot_probabilities`).
+class are averaged as normalised embeddings, as in :func:`hlip_fed.training.evaluate.zeroshot_probabilities`).
 
 Contrastive pre-training does not make these probabilities calibrated: the learnt temperature is
 tuned to pick the right report out of a batch, not to say "70 %" when the model is right 70 % of
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hlip_fed.downstream.inference import embed_studies
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import embed_texts
-from hlip_fed.inference import embed_studies
+from hlip_fed.training.evaluate import embed_texts
 
 
 # --- class embeddings and logits ------------------------------------------------------------

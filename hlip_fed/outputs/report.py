@@ -224,7 +224,7 @@ def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
             if key not in _WRITERS:
                 import logging
 
-                logging.getLogger("hlip_fed.report").warning(
+                logging.getLogger("hlip_fed.outputs.report").warning(
                     "tensorboard is not installed: no event files (pip install tensorboard)")
                 _WRITERS[key] = False
             return False

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hlip_fed import __version__
 from hlip_fed.config import config_hash
-from hlip_fed.report import read_rounds
+from hlip_fed.outputs.report import read_rounds
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 

@@ -20,9 +20,9 @@ import torch
 from hlip_fed.atomic import write_atomic
 from hlip_fed.config import config_hash
 from hlip_fed.data.manifest import MANIFEST_NAME, read_manifest
+from hlip_fed.downstream.inference import embed_studies
 from hlip_fed.errors import HlipError
-from hlip_fed.evaluate import embed_texts
-from hlip_fed.inference import embed_studies
+from hlip_fed.training.evaluate import embed_texts
 
 CACHE_VERSION = 1
 
