@@ -41,6 +41,20 @@ def test_attention_benchmark_writes_json(tmp_path):
     assert layouts == {(k, lay) for k in ("fused", "math") for lay in ("full", "h2", "h3")}
     assert [r["patch_dropout"] for r in data["patch_dropout"]] == [0.0, 0.5]
     assert "| scans | layout |" in proc.stdout
+    # The figures are the rows' own: every ratio is a quotient of two measured rows, and each
+    # layout's FLOP bound is the analytic count relative to study-wide attention.
+    rows = {(r["kernel"], r["layout"]): r for r in data["rows"] if "studies_per_s" in r}
+    for (kernel, layout), r in rows.items():
+        full = rows[(kernel, "full")]
+        assert r["speedup"] == pytest.approx(r["studies_per_s"] / full["studies_per_s"])
+        assert r["memory_ratio"] == pytest.approx(r["peak_mb"] / full["peak_mb"])
+        assert r["of_bound"] == pytest.approx(r["speedup"] / r["bound"])
+        assert r["bound"] == 1.0 if layout == "full" else r["bound"] > 0
+    assert data["throughput_ratio"] == pytest.approx(rows[("fused", "h2")]["speedup"])
+    assert data["memory_ratio_math"] == pytest.approx(rows[("math", "h2")]["memory_ratio"])
+    dropped = data["patch_dropout"][1]
+    assert dropped["bound"] > 1.0 and dropped["speedup"] == pytest.approx(
+        dropped["studies_per_s"] / data["patch_dropout"][0]["studies_per_s"])
 
 
 def test_federation_benchmark_writes_json(tmp_path):
@@ -51,6 +65,18 @@ def test_federation_benchmark_writes_json(tmp_path):
     o = data["overhead"]
     assert len(o["flower"]["round_seconds"]) == len(o["direct"]["round_seconds"]) == 2
     assert o["overhead_ratio"] > 0 and data["bytes_per_site_per_round"] > 0
+    # The ratio is the flower rounds over the direct ones, its median over the rounds after the first;
+    # every site sends its federated arrays in fp32 (the default transport): four bytes a value.
+    per_round = [f / d for f, d in zip(o["flower"]["round_seconds"], o["direct"]["round_seconds"])]
+    assert o["ratio_per_round"] == pytest.approx(per_round) and o["overhead_ratio"] == pytest.approx(per_round[1])
+    from hlip_fed.config import load_config
+    from hlip_fed.federation.params import federated_keys
+    from hlip_fed.model import create_model
+
+    cfg = load_config(files=["demo"], overrides=o["overrides"])
+    model = create_model(cfg.model, seed=0)
+    values = sum(model.state_dict()[k].numel() for k in federated_keys(model, cfg.federation.groups))
+    assert data["bytes_per_site_per_round"] == 4 * values
     # the round profile: both exchanges of every round, with the sites' handlers inside them
     prof = o["flower"]["profile"]
     assert [r["round"] for r in prof] == [1, 2]
