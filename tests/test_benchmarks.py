@@ -217,3 +217,15 @@ def test_flops_count_padded_scans_only_where_they_are_computed():
     assert step_flops(spec, levels, [1, 3]) < full
     patch = forward_macs(spec, [], 3)  # the patch embedding's backward is once its forward
     assert full == pytest.approx(2 * 2 * (3 * (forward_macs(spec, levels, 3) - patch) + 2 * patch))
+
+
+def test_transport_benchmark_halves_the_bytes_and_measures_the_weights_against_fp32(mini_consortium, tmp_path):
+    out = tmp_path / "transport.json"
+    proc = run("transport.py", "--data", str(mini_consortium), "--preset", "", "--quick", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = {r["transport"]: r for r in json.loads(out.read_text())["rows"]}
+    ref = rows.pop(next(iter(rows)))
+    assert ref["ratio"] == 1.0 and ref["weight_error"] == 0.0 and ref["max_abs_weight_diff"] == 0.0
+    assert rows and all(r["ratio"] == 0.5 for r in rows.values()), rows  # 16-bit values, the same arrays
+    assert all(r["serialised"] > r["bytes"] for r in rows.values())  # plus an npy header per array
+    assert all(0.0 < r["weight_error"] < 0.1 and r["rejected"] == 0 for r in rows.values()), rows
