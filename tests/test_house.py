@@ -160,3 +160,28 @@ def test_flower_supernode_runtime_internals_used_by_the_site_launcher_are_those_
     assert params(SuperExecAuthHttpInterceptor) == ["master_secret", "protected_methods"]
     assert set(AcquireTaskRequest.DESCRIPTOR.fields_by_name) >= {"supported_task_types", "agentapp_fab_hashes"}
     assert TaskType.CLIENT_APP.value == "flwr-clientapp"
+
+
+def test_flower_grid_and_task_identity_used_by_the_in_process_grid_are_those_of_flower_1_42():
+    """simulations/inprocess.py implements Flower's Grid and sets the task identity the runtime sets
+    (messages read it when they are built); both must keep the shape it was written against."""
+    from flwr.serverapp import Grid
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from simulations.inprocess import InProcessGrid
+
+    assert version("flwr").startswith("1.42."), "simulations/inprocess.py was written against Flower 1.42: re-check it"
+    assert Grid.__abstractmethods__ == {"get_node_ids", "set_run", "push_messages", "send_and_receive",
+                                        "create_message", "run", "pull_messages"}
+    for name in Grid.__abstractmethods__ - {"run"}:
+        ours, theirs = inspect.signature(getattr(InProcessGrid, name)), inspect.signature(getattr(Grid, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    for attribute in ("run_id", "node_id", "task_id"):
+        assert isinstance(inspect.getattr_static(type(TaskIdentity), attribute), property), attribute
+    before = {k: vars(TaskIdentity)[k] for k in ("_run_id", "_node_id", "_task_id")}
+    try:
+        InProcessGrid({}, num_nodes=2, run_id=77)
+        assert (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id) == (77, 0, 1)
+    finally:
+        for k, v in before.items():
+            setattr(TaskIdentity, k, v)
