@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 # --- reporting ---------------------------------------------------------------------------------
 
 
@@ -58,38 +60,16 @@ def write_json(path: str | Path | None, data: dict) -> None:
 # --- memory ------------------------------------------------------------------------------------
 
 
-def _proc_kb(path: str, field: str) -> int | None:
-    """A ``Field:  N kB`` line of a /proc file, in kB (None where /proc has no such line)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+def mem_total_bytes() -> int:
+    return psutil.virtual_memory().total
 
 
-def _status_kb(field: str, pid: int | str = "self") -> int | None:
-    return _proc_kb(f"/proc/{pid}/status", field)
-
-
-def mem_total_bytes() -> int | None:
-    kb = _proc_kb("/proc/meminfo", "MemTotal")
-    return kb * 1024 if kb is not None else None
-
-
-def mem_available_bytes() -> int | None:
-    kb = _proc_kb("/proc/meminfo", "MemAvailable")
-    return kb * 1024 if kb is not None else None
+def mem_available_bytes() -> int:
+    return psutil.virtual_memory().available
 
 
 def rss_bytes() -> int:
-    kb = _status_kb("VmRSS")
-    if kb is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kb * 1024
+    return psutil.Process().memory_info().rss
 
 
 def reset_peak_rss() -> bool:
@@ -102,31 +82,32 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        import resource
+    """This process's RSS high-water mark (``VmHWM``, which psutil does not report), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kb * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (from ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+def process_tree(root: int) -> list[psutil.Process]:
+    """``root`` and all its descendants (none where ``root`` has exited)."""
+    try:
+        proc = psutil.Process(root)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_info().rss
+    except psutil.Error:  # exited between listing and reading
+        return 0
 
 
 class TreeMemorySampler:
@@ -144,12 +125,10 @@ class TreeMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = set(process_tree(self.root))
-            for extra in (self.also() if self.also else []):
-                pids.update(process_tree(extra))
-            total = sum((_status_kb("VmRSS", p) or 0) * 1024 for p in pids)
+            procs = {p.pid: p for root in [self.root, *(self.also() if self.also else [])] for p in process_tree(root)}
+            total = sum(_rss(p) for p in procs.values())
             if total > self.peak:
-                self.peak, self.peak_processes = total, len(pids)
+                self.peak, self.peak_processes = total, len(procs)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "TreeMemorySampler":

@@ -43,6 +43,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import psutil
+
 from benchmarks.common import TreeMemorySampler, machine, table, write_json
 from simulations.toy_consortium import write_consortium
 
@@ -134,15 +136,7 @@ def round_profile(run: Path) -> list[dict]:
 
 def actor_pids() -> set[int]:
     """PIDs of running Ray ClientApp actors (Ray titles their processes ``ray::ClientAppActor...``)."""
-    found = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if b"ClientAppActor" in (d / "cmdline").read_bytes():
-                    found.add(int(d.name))
-            except OSError:
-                pass
-    return found
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ClientAppActor" in " ".join(p.info["cmdline"] or [])}
 
 
 def flower_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[str], preset: str,
