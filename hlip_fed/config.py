@@ -321,7 +321,11 @@ def load_config(
     for source, node in layers:
         cfg = _merge(cfg, node, source)
     cfg.model.preset = name
-    result: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        result: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # an interpolated value that its field refuses
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"invalid config key {key!r}: {str(exc).splitlines()[0]}") from None
     validate(result)
     return result
 
