@@ -45,13 +45,16 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
+from hlip_fed.federation.local import _SITES
 from hlip_fed.federation.params import federated_keys, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.outputs.report import read_rounds
+from hlip_fed.synth.consortium import build_consortium
 from hlip_fed.training.evaluate import evaluate
 from hlip_fed.training.train import cycle, make_optimizer, train_steps
+from simulations.inprocess import run_federation
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
 KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1": "r1", "r5": "r5", "r10": "r10",
@@ -165,9 +168,6 @@ def split_validation(dataset: SiteDataset, fraction: float, seed: int) -> tuple[
 
 def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: int, seed: int) -> Path:
     """Run the real ServerApp/ClientApp in-process; returns the run folder (final model in model/)."""
-    from hlip_fed.federation.local import _SITES
-    from simulations.inprocess import run_federation
-
     run = out / method
     shutil.rmtree(run, ignore_errors=True)
     overrides = cfg_args["overrides"] + [f"federation.strategy={method}", f"federation.min_nodes={n_sites}", f"train.seed={seed}"]
@@ -321,7 +321,7 @@ def markdown(summary: dict, families: tuple[str, ...] = tuple(FINDING_FAMILIES))
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only drawing imports pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -367,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     data, out = args.data.resolve(), args.out.resolve()
     if not (data / "sites").is_dir():
-        from hlip_fed.synth.consortium import build_consortium
-
         log(f"generating the {args.preset} consortium in {data}")
         build_consortium(data, args.preset, seed=0)
     overrides = shlex.split(args.overrides) + ([f"federation.init={args.init.resolve()}"] if args.init else [])

@@ -14,14 +14,19 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from hlip_fed.config import load_config
 from hlip_fed.federation.run import consortium_sites
+from hlip_fed.model import HLIP, create_tokenizer
 from hlip_fed.outputs.report import format_row, read_rounds, round_table
+from hlip_fed.synth.consortium import build_consortium
+from simulations.compare import Consortium, heldout_metrics, markdown, run_seed, summarise
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +36,6 @@ def ensure_consortium(data: Path, seed: int) -> None:
     if (data / "sites").is_dir():
         print(f"using the consortium in {data}")
         return
-    from hlip_fed.synth.consortium import build_consortium
-
     print(f"generating the demo consortium in {data} ...")
     build_consortium(data, "demo", seed=seed)
 
@@ -82,12 +85,6 @@ def federate(cmd: list[str], env: dict, run: Path, poll_s: float = 0.5) -> None:
 
 def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> None:
     """Federated vs pooled vs local-only at the same compute, all on the held-out set."""
-    import shlex
-
-    from hlip_fed.config import load_config
-    from hlip_fed.model import HLIP, create_tokenizer
-    from simulations.compare import Consortium, heldout_metrics, markdown, run_seed, summarise
-
     extra = shlex.split(overrides) + [f"data.cache_dir={run / 'baselines' / 'cache'}", f"train.seed={seed}"]
     cfg = load_config(files=["demo"], overrides=extra)
     print("\ntraining the references at equal compute: pooled, then each site alone ...", flush=True)

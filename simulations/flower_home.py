@@ -21,6 +21,8 @@ import signal
 import socket
 from pathlib import Path
 
+import psutil
+
 from hlip_fed.deploy.flower_env import flower_env as deploy_flower_env
 from hlip_fed.federation.run import consortium_sites
 
@@ -78,8 +80,6 @@ def flower_env(home: str | Path) -> dict[str, str]:
 def local_superlink_pids(home: str | Path) -> list[int]:
     """PIDs of the detached local SuperLink that ``flwr run`` started for this Flower home
     (its database lives under ``<home>/local-superlink``); no command of Flower's stops it."""
-    import psutil
-
     pattern = str(Path(home).resolve() / "local-superlink")
     return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
             if p.info["pid"] != os.getpid() and pattern in " ".join(p.info["cmdline"] or [])]

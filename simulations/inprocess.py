@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from server.app import main as server_main
 
 
 class ServerCrash(RuntimeError):
@@ -81,8 +82,6 @@ class InProcessGrid(Grid):
 
 def run_federation(run_config: dict, num_nodes: int, run_id: int = 1, **grid_kwargs) -> InProcessGrid:
     """Run the ServerApp over an :class:`InProcessGrid` of ``num_nodes`` sites; returns the grid."""
-    from server.app import main as server_main
-
     grid = InProcessGrid(run_config, num_nodes=num_nodes, run_id=run_id, **grid_kwargs)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     server_main(grid, context)

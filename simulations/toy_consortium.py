@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 PROMPTS = {
     "lesion-left": ["nothing abnormal on the left side", "a left-sided hyperintense focus"],
     "lesion-right": ["nothing abnormal on the right side", "a right-sided hyperintense focus"],
@@ -20,9 +23,6 @@ def write_consortium(root: str | Path, sites: int, train: int = 8, test: int = 2
                      shape=(48, 48, 16), max_scans: int = 2, seed: int = 0) -> Path:
     """A consortium folder in the site layout (NIfTI MR scans with or without a bright blob on one
     side, a report saying so, ground truth and prompts outside the site folders)."""
-    import nibabel as nib
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     root = Path(root)
     words = {0: "No focal abnormality.", 1: "Bright lesion in the left hemisphere.",

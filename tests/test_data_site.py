@@ -187,11 +187,11 @@ def test_dataset_with_no_usable_study(site):
 
 
 def test_cache_second_epoch_reads_from_cache_and_sees_changes(site, tmp_path, monkeypatch):
-    from hlip_fed.data import readers
+    from hlip_fed.data import dataset
 
     calls = []
-    real = readers.read_scan
-    monkeypatch.setattr(readers, "read_scan", lambda p, **kw: calls.append(Path(p).name) or real(p, **kw))
+    real = dataset.read_scan
+    monkeypatch.setattr(dataset, "read_scan", lambda p, **kw: calls.append(Path(p).name) or real(p, **kw))
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
     ds = SiteDataset(site, cfg, IMG, split="val")
     first = ds[0][0]

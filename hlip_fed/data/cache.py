@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from hlip_fed.atomic import write_atomic
 from hlip_fed.config import config_hash
@@ -128,8 +130,6 @@ class TensorCache:
 
     @staticmethod
     def _read(path: Path) -> tuple[torch.Tensor, dict[str, str]] | None:
-        from safetensors import SafetensorError, safe_open
-
         if not path.is_file():
             return None
         try:
@@ -143,8 +143,6 @@ class TensorCache:
         return tensor, meta
 
     def _write(self, path: Path, source: str | os.PathLike, tensor: torch.Tensor, meta: dict[str, str]) -> None:
-        from safetensors.torch import save_file
-
         meta = {**meta, "source": str(source), "settings": self.settings}
         data = {"image": tensor.detach().to("cpu", torch.float32).contiguous()}
         write_atomic(path, lambda tmp: save_file(data, tmp, metadata=meta))

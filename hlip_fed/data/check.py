@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.manifest import load_site, read_report
+from hlip_fed.data.readers import read_scan
 
 
 @dataclass
@@ -55,8 +56,6 @@ def _as_data_error(path: str | os.PathLike, exc: Exception) -> DataError:
 def check_study(entry: dict, site_dir: str | os.PathLike, read: Callable | None = None):
     """Check one manifest entry. Returns (report text or None, readable scan paths, problems,
     warnings); problems are :class:`DataError` objects, warnings ``(path, text)`` pairs."""
-    from hlip_fed.data.readers import read_scan
-
     read = read or read_scan
     site = Path(site_dir)
     problems: list[DataError] = []

@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hlip_fed.data.cache import TensorCache
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.manifest import load_site, read_report
+from hlip_fed.data.preprocess import lr_axis, preprocess
+from hlip_fed.data.readers import read_scan
 
 log = logging.getLogger("hlip_fed.data")
 
@@ -80,9 +82,6 @@ class SiteDataset(Dataset):
 
     def load_scan(self, path: str | os.PathLike) -> tuple[torch.Tensor, int]:
         """One preprocessed scan [1, D, H, W] and its left-right axis, from the cache when possible."""
-        from hlip_fed.data.preprocess import lr_axis, preprocess
-        from hlip_fed.data.readers import read_scan
-
         def compute() -> tuple[torch.Tensor, dict[str, str]]:
             volume = read_scan(path)
             return preprocess(volume, self.data_cfg, self.img_size), {"lr_axis": str(lr_axis(volume))}

@@ -47,7 +47,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
 
 def read_header(path: str | os.PathLike):
     """Read a DICOM dataset without its pixel data (deferred until accessed)."""
-    import pydicom
+    import pydicom  # lazy: sites with NIfTI studies never import pydicom
     from pydicom.errors import InvalidDicomError
 
     path = str(check_readable(path))
@@ -194,7 +194,7 @@ def _check_decoder(ds: Any, path: str) -> None:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None or not ts.is_compressed:
         return
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # lazy: sites with NIfTI studies never import pydicom
 
     try:
         decoder = get_decoder(ts)
@@ -209,7 +209,7 @@ def _check_decoder(ds: Any, path: str) -> None:
 
 def _decode(ds: Any, path: str) -> np.ndarray:
     _check_decoder(ds, path)
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pixel_array  # lazy: sites with NIfTI studies never import pydicom
 
     try:
         arr = pixel_array(ds)
@@ -411,7 +411,7 @@ def read_dicom_files(
 
 def read_dicomdir(path: str | os.PathLike, series_uid: str | None = None, allow_2d: bool = False) -> Volume:
     """Read the image files a DICOMDIR references (one series, or the one named by ``series_uid``)."""
-    from pydicom.fileset import FileSet
+    from pydicom.fileset import FileSet  # lazy: sites with NIfTI studies never import pydicom
 
     ds = read_header(path)
     if "DirectoryRecordSequence" not in ds:

@@ -49,7 +49,7 @@ def _geometry(array: np.ndarray, affine: np.ndarray, slice_axis: int):
 
 
 def _base_dataset(modality: str, sop_class: str, series_uid: str, study_uid: str, patient_id: str, rows: int, cols: int):
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset, FileMetaDataset  # lazy: only writing DICOM imports pydicom
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
     meta = FileMetaDataset()
@@ -86,7 +86,7 @@ def _base_dataset(modality: str, sop_class: str, series_uid: str, study_uid: str
 
 def _ds(values) -> list:
     """Decimal strings within DICOM's 16-character limit (PS3.5 DS)."""
-    from pydicom.valuerep import DSfloat
+    from pydicom.valuerep import DSfloat  # lazy: only writing DICOM imports pydicom
 
     return [DSfloat(float(v), auto_format=True) for v in values]
 
@@ -111,7 +111,7 @@ def write_dicom_series(
     series_description: str = "",
 ) -> list[Path]:
     """One classic single-frame file per slice (``IM0001.dcm``...) in ``out_dir``."""
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # lazy: only writing DICOM imports pydicom
 
     arr, lps = _geometry(array, affine, slice_axis)
     stored, slope, intercept = _stored(arr)
@@ -152,9 +152,9 @@ def write_enhanced_dicom(
     patient_id: str = "ANON",
 ) -> Path:
     """One enhanced multi-frame object with per-frame positions (PS3.3 C.7.6.16)."""
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset  # lazy: only writing DICOM imports pydicom
     from pydicom.sequence import Sequence
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # lazy: only writing DICOM imports pydicom
 
     arr, lps = _geometry(array, affine, slice_axis)
     stored, slope, intercept = _stored(arr)

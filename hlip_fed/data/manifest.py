@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hlip_fed.atomic import write_bytes_atomic
+from hlip_fed.data.dicom import list_dicom_files, read_header
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.files import DICOM_SUFFIXES, is_nifti_path, read_sidecar
 
@@ -49,8 +50,6 @@ def _scan_entry(path: Path, site: Path) -> dict[str, Any]:
 
 
 def _dicom_modality(path: Path) -> str | None:
-    from hlip_fed.data.dicom import list_dicom_files, read_header
-
     files = list_dicom_files(path) if path.is_dir() else [path]
     for f in files[:1]:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hlip_fed.data import dicom, nifti
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.files import DICOM_SUFFIXES, check_readable, is_nifti_path
 from hlip_fed.data.volume import Volume
@@ -45,8 +46,6 @@ def read_scan(
     ``series_uid`` picks one series out of a folder or DICOMDIR that holds several.
     Raises :class:`DataError` (``"<path>: <reason>"``) for anything that is not a usable scan.
     """
-    from hlip_fed.data import dicom, nifti
-
     p = Path(path)
     fmt = scan_format(p)
     if fmt == "dicom-series":

@@ -15,7 +15,7 @@ from hlip_fed.errors import HlipError
 
 def build_app(source: str | Path, out: str | Path) -> tuple[Path, str]:
     """Write the FAB of ``source`` into ``out``; return its path and SHA-256."""
-    from flwr.cli.build import build_fab_from_disk, get_fab_filename
+    from flwr.cli.build import build_fab_from_disk, get_fab_filename  # lazy: only building an app needs Flower's CLI
     from flwr.cli.config_utils import load_and_validate
 
     source = Path(source).resolve()

@@ -26,6 +26,9 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
+import uvicorn
+
 FLEET_PREFIX = "/v1/fleet/"
 # The routes of Flower 1.42's Fleet router (flwr.superlink.routers.fleet.router). A test compares
 # this list with the installed Flower, so an upgrade that adds a route is noticed, not silently
@@ -75,8 +78,6 @@ class FleetGateway:
         # websocket and anything else: no response, the server closes the connection
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        import httpx
-
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -102,8 +103,6 @@ class FleetGateway:
             log.warning("denied %s %s from %s", method, path, client[0])
             await _plain(send, 403, b"forbidden: only the Fleet API is served here\n")
             return
-        import httpx
-
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit():
             await _plain(send, 400, b"bad content-length\n")
@@ -182,8 +181,6 @@ def split_address(address: str) -> tuple[str, int]:
 def serve(listen: str, upstream: str, certfile: str, keyfile: str, ca_file: str,
           log_level: str = "info", max_request_mb: int = 1024) -> None:
     """Serve the gateway with TLS until interrupted (blocking)."""
-    import uvicorn
-
     host, port = split_address(listen)
     up_host, up_port = split_address(upstream)
     up = f"[{up_host}]:{up_port}" if ":" in up_host else f"{up_host}:{up_port}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hlip_fed.deploy.flower_env import flower_env
-from hlip_fed.deploy.superlink import flower_executable
+from hlip_fed.deploy.superlink import OPERATOR_HOME, flower_executable
 from hlip_fed.errors import HlipError
 
 CONNECTION = "hlip-fed"
@@ -82,8 +82,6 @@ class FlwrCli:
 
 def operator_cli(state_dir: Path) -> FlwrCli:
     """The operator profile that ``hlip-fed server start`` writes into the SuperLink's state dir."""
-    from hlip_fed.deploy.superlink import OPERATOR_HOME
-
     home = Path(state_dir) / OPERATOR_HOME
     if not (home / "config.toml").is_file():
         raise HlipError(f"{home}/config.toml missing; run `hlip-fed server start --state {state_dir}` "

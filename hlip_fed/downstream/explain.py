@@ -201,7 +201,7 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def plot_maps(maps: list[ScanMap], volumes: list, path, text: str, title: str | None = None):
     """One row per scan: axial, coronal, sagittal slices through the scan's peak, the positive
     part of the map overlaid (neurological view: the patient's right on the image's right)."""
-    import matplotlib
+    import matplotlib  # lazy: only drawing imports pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

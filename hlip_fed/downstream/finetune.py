@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -115,16 +117,12 @@ def embed_tensors(model, tensors: list[torch.Tensor], batch_size: int = 16) -> t
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import balanced_accuracy_score
-
     return {"accuracy": float((y_true == y_pred).mean()),
             "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))}
 
 
 def fit_probe(features: np.ndarray, y: np.ndarray, n_classes: int):
     """Multinomial logistic regression; with a single class drawn it predicts that class."""
-    from sklearn.linear_model import LogisticRegression
-
     if len(np.unique(y)) < 2:
         return None
     return LogisticRegression(C=1.0, max_iter=2000).fit(features, y)
@@ -270,7 +268,7 @@ def format_table(result: dict, metric: str = "balanced_accuracy") -> list[str]:
 
 def plot_curve(result: dict, path: str | Path, metric: str = "balanced_accuracy") -> Path:
     """Score against shots per class (log axis; 'all' at the right), zero-shot as a dashed line."""
-    import matplotlib
+    import matplotlib  # lazy: only drawing imports pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
 
 from hlip_fed.downstream.inference import embed_studies
 from hlip_fed.errors import HlipError
@@ -90,8 +91,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     the bounds (T in [0.01, 100]) keep a degenerate split (all one class, perfectly separated)
     from driving T to zero or infinity.
     """
-    from scipy.optimize import minimize_scalar
-
     if len(y) == 0:
         raise HlipError("cannot fit a temperature without labelled studies")
     res = minimize_scalar(lambda t: nll(logits, y, math.exp(t)), bounds=(math.log(0.01), math.log(100.0)),

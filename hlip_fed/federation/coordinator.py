@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hlip_fed.config import Config, config_hash
+from hlip_fed.data.dataset import SiteDataset, collate_studies
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, start_from
@@ -108,8 +109,6 @@ class Coordinator:
         if heldout is None or not heldout.is_dir():
             return {}
         if self._heldout is None:
-            from hlip_fed.data.dataset import SiteDataset, collate_studies
-
             dataset = SiteDataset(heldout, self.cfg.data, self.cfg.model.vision.img_size, split=None)
             self._heldout = (
                 DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=collate_studies),

@@ -8,12 +8,15 @@ same pretrained file at every site and never travels.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from hlip_fed.errors import HlipError
+from hlip_fed.model.hlip import HLIP
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "vision": ("visual.",),
@@ -59,8 +62,6 @@ def set_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
 def text_tower_hash(model: nn.Module) -> str:
     """SHA-256 of the text encoder's weights: a locked text tower never travels, so every site must
     build the same one (the server sends its hash with each message; a site with another refuses)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         if key.startswith(GROUPS["text_encoder"]):
@@ -74,10 +75,6 @@ def start_from(model: nn.Module, folder: str, keys: list[str]) -> None:
 
     The rest of the model (a locked text encoder) is what the config builds at every site, so the
     folder's text model must be the config's."""
-    from pathlib import Path
-
-    from hlip_fed.model.hlip import HLIP
-
     initial = HLIP.from_pretrained(folder)
     ours, theirs = getattr(model, "cfg", None), initial.cfg
     if ours is not None and (ours.text.name != theirs.text.name or ours.vision.pos_embed != theirs.vision.pos_embed):

@@ -44,7 +44,7 @@ def make_accountant(delta: float, population: int, max_epsilon: float | None = N
     """Flower's RDP accountant for site-level DP at ``delta`` over ``population`` sites; with
     ``max_epsilon`` a round that would exceed it is refused before it is released."""
     try:
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # optional: flwr[dp]
 
         return RdpAccountant(PrivacyConfig(
             target_delta=float(delta), population_size=int(population),

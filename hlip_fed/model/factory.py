@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -9,7 +10,9 @@ import torch
 from hlip_fed.config import Config, ModelConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.model.hlip import HLIP, TEXT_DIR
+from hlip_fed.model.text import TextEncoder
 from hlip_fed.model.tokenizer import ReportTokenizer
+from hlip_fed.model.vision import HLIPVisionTransformer
 
 
 def create_model(cfg: ModelConfig, seed: int | None = None) -> HLIP:
@@ -36,8 +39,6 @@ def count_params(module: torch.nn.Module) -> int:
 
 def model_info(cfg: Config) -> dict:
     """Sizes and layout of the model a config describes (builds it on the meta device: no memory)."""
-    from hlip_fed.model.vision import HLIPVisionTransformer
-
     m = cfg.model
     with torch.device("meta"):
         visual = HLIPVisionTransformer(m.vision, m.embed_dim)
@@ -55,10 +56,6 @@ def model_info(cfg: Config) -> dict:
         "text_model": m.text.name,
     }
     try:
-        import dataclasses
-
-        from hlip_fed.model.text import TextEncoder
-
         with torch.device("meta"):  # the encoder's config suffices to count its parameters
             text = TextEncoder(dataclasses.replace(m.text, pretrained=False), m.embed_dim)
         info["params_text"] = count_params(text)

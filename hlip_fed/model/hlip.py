@@ -68,7 +68,7 @@ class HLIP(nn.Module):
 
     # --- persistence ------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: a slow import that vision-only uses skip
 
         out = Path(path)
         (out / TEXT_DIR).mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,13 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from hlip_fed.config import load_config
 from hlip_fed.errors import HlipError
+from hlip_fed.model.factory import create_model, load_pretrained
+from hlip_fed.model.pos_embed import sincos_1d
 
 # (official prefix, this model's prefix); the first match wins.
 PREFIXES = (
@@ -59,8 +64,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise HlipError(f"{path}: checkpoint not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             # weights_only: a checkpoint is data, and unpickling arbitrary objects would run code.
@@ -132,9 +135,6 @@ def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text
     text tower is kept; with it, ``text_dir`` is a local BERT folder (config and tokenizer) that
     receives the checkpoint's text weights (CLS pooling, linear projection, as HLIP's).
     """
-    from hlip_fed.config import load_config
-    from hlip_fed.model.factory import create_model
-
     official = read_checkpoint(checkpoint)
     weights = to_local(official, str(checkpoint))
     extra = ["model.vision.pos_embed=stored", "model.text.proj=linear"]
@@ -161,8 +161,6 @@ def import_checkpoint(checkpoint: str | Path, preset: str, out: str | Path, text
 def export_model(model_dir: str | Path, out: str | Path, fmt: str = "open_clip", vision_only: bool = False) -> Path:
     """A saved hlip-fed model in HLIP's layout: an open_clip checkpoint (``.pt``, ``module.`` keys)
     or a plain safetensors state dict. A text tower HLIP's layout cannot hold needs ``vision_only``."""
-    from hlip_fed.model.factory import load_pretrained
-
     model, _ = load_pretrained(model_dir)
     state = model.state_dict()
     text = model.text.encoder.config
@@ -179,8 +177,6 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "open_clip",
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
         save_file(official, str(out))
     elif fmt == "open_clip":
         torch.save({"epoch": 0, "name": Path(model_dir).name,
@@ -197,12 +193,6 @@ def inflate_2d(checkpoint: str | Path, preset: str, out: str | Path, overrides: 
     repeated along depth and divided by the depth patch size; the 2D position embedding resampled
     in-plane (bicubic) plus a 1D depth sin-cos, stored; the CLS position folded into the CLS token.
     The projection heads, the temperature and the text tower stay the preset's."""
-    import torch.nn.functional as F
-
-    from hlip_fed.config import load_config
-    from hlip_fed.model.factory import create_model
-    from hlip_fed.model.pos_embed import sincos_1d
-
     state = read_checkpoint(checkpoint)
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in state:

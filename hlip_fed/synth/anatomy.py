@@ -20,6 +20,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from nilearn import datasets
 from scipy import ndimage as ndi
 
 VOXEL_MM = 2.0
@@ -57,8 +60,6 @@ class HeadAtlas:
 
 def _load_templates() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The bundled 1 mm MNI152 2009a T1, GM and WM templates (values 0..1) and their affine."""
-    from nilearn import datasets
-
     t1 = datasets.load_mni152_template(resolution=1)
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = datasets.load_mni152_wm_template(resolution=1)
@@ -231,9 +232,6 @@ def sample_atlas(atlas: HeadAtlas, q: np.ndarray) -> np.ndarray:
 
     Points outside the atlas read as air (zero tissue) with large distances.
     """
-    import torch
-    import torch.nn.functional as F
-
     inv = np.linalg.inv(atlas.affine)
     ijk = _linear(q, inv[:3, :3]) + inv[:3, 3].astype(np.float32)
     norm = ijk * (2.0 / (np.array(atlas.shape, dtype=np.float32) - 1.0)) - 1.0

@@ -19,20 +19,24 @@ rendered from its own seed, so the result does not depend on worker count or ord
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from hlip_fed.errors import HlipError
-from hlip_fed.synth.findings import FINDINGS, FINDING_TITLES
+from hlip_fed.synth.anatomy import head_atlas
+from hlip_fed.synth.findings import FINDING_TITLES, FINDINGS
 from hlip_fed.synth.prompts import PROMPTS
 from hlip_fed.synth.render import StudyPlan, render_study
 from hlip_fed.synth.reports import STYLES
 from hlip_fed.synth.sites import HELDOUT_PREVALENCE, HELDOUT_SCANNERS, Preset, preset, site_specs
+from hlip_fed.synth.writer import write_masks, write_study
 
 FORMAT = "hlip-fed-phantom/1"
 HELDOUT = "heldout"
@@ -102,8 +106,6 @@ def study_dir(out: Path, plan: StudyPlan) -> Path:
 
 def generate_study(plan: StudyPlan, out: Path) -> dict:
     """Render and write one study; return its truth record."""
-    from hlip_fed.synth.writer import write_masks, write_study
-
     study = render_study(plan)
     scans = write_study(study, study_dir(out, plan), plan.seed[0])
     write_masks(study, out / "truth" / "masks" / plan.cohort / f"{plan.study_id}.nii.gz")
@@ -118,16 +120,12 @@ def generate_study(plan: StudyPlan, out: Path) -> dict:
 
 def _worker_init() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
     torch.set_num_threads(1)
 
 
 def build_consortium(out: Path, preset_name: str = "demo", sites: int | None = None, studies: int | None = None,
                      seed: int = 0, heldout: int | None = None, workers: int = 1, overwrite: bool = False) -> dict:
     """Generate a consortium into ``out`` and return its description (``consortium.json``)."""
-    from hlip_fed.synth.anatomy import head_atlas
-
     p = preset(preset_name, sites, studies, heldout)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -142,8 +140,6 @@ def build_consortium(out: Path, preset_name: str = "demo", sites: int | None = N
     records: dict[str, list[dict]] = {name: [] for name in cohorts}
     with tqdm(total=len(plans), desc="synth", unit="study", leave=False, disable=None) as bar:
         if workers > 1:
-            import multiprocessing as mp
-
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
                 for plan, rec in zip(plans, pool.map(generate_study, plans, [out] * len(plans), chunksize=4)):

@@ -39,7 +39,7 @@ def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, *, modalit
     slice's pixel (row r, column c) being ``array[c, r, k]``. Stored values are
     ``round((value - intercept) / slope)`` as int16.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.dataset import FileDataset, FileMetaDataset  # lazy: only writing DICOM imports pydicom
     from pydicom.uid import ExplicitVRLittleEndian
 
     folder.mkdir(parents=True, exist_ok=True)

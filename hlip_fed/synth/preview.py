@@ -15,6 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hlip_fed.data.readers import read_scan
+from hlip_fed.data.volume import make_volume
 from hlip_fed.synth.consortium import HELDOUT
 from hlip_fed.synth.findings import FINDINGS
 from hlip_fed.synth.truth import load_consortium, load_records
@@ -42,13 +44,10 @@ def _caption(rec: dict) -> str:
 
 def render_preview(consortium_dir: str | Path, out_png: str | Path, dpi: int = 60) -> Path:
     """Write the overview PNG and return its path."""
-    import matplotlib
+    import matplotlib  # lazy: only drawing imports pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from hlip_fed.data.readers import read_scan
-    from hlip_fed.data.volume import make_volume
 
     root = Path(consortium_dir)
     desc = load_consortium(root)

@@ -28,8 +28,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from hlip_fed.config import DataConfig
+from hlip_fed.data.preprocess import preprocess, to_model_grid, unit_intensity
+from hlip_fed.data.readers import read_scan
+from hlip_fed.data.volume import make_volume
 from hlip_fed.synth.findings import FINDINGS
 from hlip_fed.synth.truth import cohorts, load_records, site_dir
 
@@ -68,9 +79,6 @@ def study_features(study_dir: Path, scans: list[dict], data_cfg, img_size) -> np
     Intensities are the model's, before its scalar normalisation: CT in the model's HU window (by
     default the brain window a radiologist reads a head CT in), MR after percentile scaling.
     """
-    from hlip_fed.data.preprocess import preprocess, unit_intensity
-    from hlip_fed.data.readers import read_scan
-
     per = {}
     for scan in scans:
         seq = scan["sequence"]
@@ -96,11 +104,6 @@ def cohort_table(root: Path, cohort: str, data_cfg, img_size) -> tuple[np.ndarra
 
 
 def _fit_auc(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if len(set(yte)) < 2:
         return float("nan")
     if len(set(ytr)) < 2:  # a site that never saw the finding cannot rank it
@@ -117,8 +120,6 @@ def _mean(values: list[float]) -> float:
 
 def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96)) -> dict:
     """AUC per finding on the held-out set for the pooled probe and each site's local probe."""
-    from hlip_fed.config import DataConfig
-
     root = Path(consortium_dir)
     cfg = DataConfig()
     tables = {name: cohort_table(root, name, cfg, img_size) for name in cohorts(root)}
@@ -141,8 +142,6 @@ def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96)) -> dict:
 
     def cross_validated() -> dict[str, float]:
         """5-fold CV within the held-out set: learnability without any site shift."""
-        from sklearn.model_selection import StratifiedKFold
-
         aucs = {}
         for i, f in enumerate(FINDINGS):
             y = Yh[:, i]
@@ -182,12 +181,6 @@ FOCAL = ("mass", "haemorrhage", "infarct")
 
 def _model_masks(path: Path, img_size, data_cfg) -> dict[str, np.ndarray]:
     """Each focal finding's truth mask (bit ``FINDINGS.index(f)``) resampled like the scans."""
-    import nibabel as nib
-    import torch
-
-    from hlip_fed.data.preprocess import to_model_grid
-    from hlip_fed.data.volume import make_volume
-
     img = nib.load(str(path))
     bits = np.asarray(img.dataobj).astype(np.uint8)
     out = {}
@@ -211,10 +204,6 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
 
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
-    from hlip_fed.config import DataConfig
-    from hlip_fed.data.preprocess import preprocess, unit_intensity
-    from hlip_fed.data.readers import read_scan
-
     root, cfg = Path(consortium_dir), DataConfig()
     base = site_dir(root, cohort)
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
