@@ -171,13 +171,16 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg
+    strategy: str = "fedavg"  # fedavg, fedprox, fedadam, fedyogi, fedavgm, fedmedian, fedtrimmedavg
     rounds: int = 3
     local_steps: int = 10
     fraction_train: float = 1.0
     min_nodes: int = 2
     proximal_mu: float = 0.0
-    server_lr: float = 1e-3
+    server_lr: float = 1e-3  # FedAdam's and FedYogi's server learning rate (eta)
+    # FedAvgM: the server steps along the momentum of the averaged updates (learning rate 1, so its
+    # first step is FedAvg's), m <- server_momentum * m + (w_global - w_average).
+    server_momentum: float = 0.9
     trim_fraction: float = 0.2
     groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
     # A saved model folder (hlip-fed model import, or a previous run's model) whose federated weights
@@ -357,6 +360,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.node_wait_s must be positive: waiting for sites is bounded")
     if not 0 < fed.poll_interval_s <= 3:
         raise ConfigError("federation.poll_interval_s must be in (0, 3] seconds")
+    if not 0.0 <= fed.server_momentum < 1.0:
+        raise ConfigError("federation.server_momentum must be in [0, 1)")
     if not 1 <= fed.quorum <= max(fed.min_nodes, 1):
         raise ConfigError(f"federation.quorum must be between 1 and federation.min_nodes ({fed.min_nodes})")
     if fed.dp != "off":

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
@@ -48,6 +48,7 @@ BASES = {
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
 }
@@ -96,6 +97,8 @@ class HlipStrategy(Strategy):
         self.known_nodes: set[int] = set(known_nodes)  # every node that took part, for messages
         self._sent: dict[str, int] = {}  # message id -> destination node, for SuperLink errors
         self._global: dict[str, np.ndarray] = {}
+        self._momentum: dict[str, np.ndarray] = {}  # FedAvgM's, from a checkpoint
+        self._momentum_order: list[str] = []  # the array names of FedAvgM's momentum list, in order
 
     def summary(self) -> None:
         self.inner.summary()
@@ -185,6 +188,7 @@ class HlipStrategy(Strategy):
         if not good:
             log.warning("round %d: no usable update; the global model stays as it was", server_round + self.offset)
             return None, None
+        self._align_server_momentum(good)
         arrays, metrics = self.inner.aggregate_train(server_round + self.offset, good)
         if arrays is not None:
             # fp32 in the federated shapes (FedOpt returns float64 and turns 0-d scalars into 1-d).
@@ -193,6 +197,21 @@ class HlipStrategy(Strategy):
             )
         self.round_record.train = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def _align_server_momentum(self, replies: list[Message]) -> None:
+        """FedAvgM pairs its current arrays and its momentum list with the averaged arrays by
+        position, and the average comes in the replies' array order: put both in that order (the
+        momentum restored from a checkpoint included)."""
+        inner = self.inner
+        if not isinstance(inner, FedAvgM) or inner.current_arrays is None:
+            return
+        order = list(next(iter(replies[0].content.array_records.values())).keys())
+        momentum = (dict(zip(self._momentum_order, inner.momentum_vector, strict=True))
+                    if inner.momentum_vector is not None else self._momentum)
+        inner.current_arrays = ArrayRecord({k: inner.current_arrays[k] for k in order})
+        if momentum:
+            inner.momentum_vector = [momentum[k] for k in order]
+        self._momentum, self._momentum_order = {}, order
 
     def _cap_examples(self, replies: list[Message]) -> dict[str, float]:
         """Cap every reply's self-reported ``num-examples`` (its weight in FedAvg) at what the run's
@@ -232,11 +251,15 @@ class HlipStrategy(Strategy):
 
     # -- resumable state -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The strategy's own state worth checkpointing (FedOpt's first and second moments)."""
+        """The strategy's own state worth checkpointing: FedOpt's first and second moments, FedAvgM's
+        momentum (Flower keeps it as a list in the order of the global arrays: saved by array name)."""
         out = {}
         for name in ("m_t", "v_t"):
             for k, v in (getattr(self.inner, name, None) or {}).items():
                 out[f"{name}/{k}"] = np.asarray(v)
+        momentum = getattr(self.inner, "momentum_vector", None)
+        if momentum is not None:
+            out.update({f"momentum/{k}": np.asarray(v) for k, v in zip(self._momentum_order, momentum, strict=True)})
         return out
 
     def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
@@ -244,6 +267,8 @@ class HlipStrategy(Strategy):
             moments = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
             if moments:
                 setattr(self.inner, name, moments)
+        # FedAvgM's momentum goes back into its list when the arrays' order is known (the next round).
+        self._momentum = {k.removeprefix("momentum/"): v for k, v in state.items() if k.startswith("momentum/")}
 
 
 def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: dict[str, np.ndarray] | None = None,
@@ -264,6 +289,8 @@ def build_strategy(fed: FederationConfig, expected: dict, offset: int, state: di
         extra["proximal_mu"] = fed.proximal_mu
     elif name in ("fedadam", "fedyogi"):
         extra.update(eta=fed.server_lr, eta_l=1.0, tau=1e-6)
+    elif name == "fedavgm":
+        extra.update(server_learning_rate=1.0, server_momentum=fed.server_momentum)
     elif name == "fedtrimmedavg":
         # Trim at least one site from each end at the configured site count.
         extra["beta"] = max(fed.trim_fraction, 1.0 / fed.min_nodes + 1e-9)

@@ -62,6 +62,8 @@ KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1":
 HEADINGS = {"zeroshot_auc_mean": "zero-shot AUC", "balanced_acc_mean": "balanced acc", "r1": "R@1", "r5": "R@5",
             "r10": "R@10", "probe_auc_mean": "probe AUC", "prompt_ceiling_mean": "prompt ceiling"}
 # Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
+# The federated methods, each a federation.strategy run at the same budget as pooled training.
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm")
 FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
                     "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
 
@@ -229,7 +231,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
                                               eval_every=max(1, budget // 8))
             res["local"][site] = heldout_metrics(model, tok, cons)
             done(f"local-{site}", started, taken)
-    for method in ("fedavg", "fedprox"):
+    for method in FEDERATED:
         if method in methods and method not in res:
             log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
             started = time.time()
@@ -250,7 +252,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
                                                      cons.test[site.name], cons.site_labels[site.name])
             done(f"loso-{site.name}", started, federated_steps(run))
-    return {m: res[m] for m in ("pooled", "local", "fedavg", "fedprox", "loso") if m in res and m in methods}
+    return {m: res[m] for m in ("pooled", "local", *FEDERATED, "loso") if m in res and m in methods}
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -327,7 +329,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels, aucs, r5s = [], [], []
-    for method in ("pooled", "fedavg", "fedprox"):
+    for method in ("pooled", *FEDERATED):
         if method in summary:
             labels.append(method)
             aucs.append(summary[method].get("zeroshot_auc_mean", np.nan))
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the methods a previous run of the same --out finished (OUT/seed-K/progress.json)")
     parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso")
+    parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso",
+                        help=f"comma-separated, of pooled, local, {', '.join(FEDERATED)}, loso")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
     args = parser.parse_args(argv)
     if args.config is None:
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = overrides + [f"data.cache_dir={cfg.data.cache_dir}"]
     cfg_args = {"config": args.config, "overrides": overrides}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"pooled", "local", *FEDERATED, "loso"})
+    if unknown:
+        parser.error(f"--methods: unknown method(s) {', '.join(unknown)}")
     cons = Consortium(data, cfg)
     per_seed = []
     for seed in range(args.seeds):

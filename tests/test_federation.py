@@ -128,12 +128,35 @@ def _final_weights(run_dir):
     return ckpt.round, ckpt.arrays
 
 
-def test_fedadam_interrupted_and_resumed_equals_an_uninterrupted_run(mini_consortium, tmp_path):
+def test_fedavgm_steps_along_the_momentum_of_the_averaged_updates():
+    from flwr.app import ArrayRecord
+
+    s = _strategy("fedavgm")  # server momentum 0.9, server learning rate 1
+    w0 = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    s.inner.current_arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in w0.items()})
+    one = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
+    arrays, _ = s.aggregate_train(1, [_reply(1, one, 10), _reply(2, one, 10)])
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0)  # the first step is FedAvg's
+    state = s.state_arrays()
+    assert sorted(state) == ["momentum/b", "momentum/w"]
+    two = {"w": np.full((2, 2), 2.0, np.float32), "b": np.full(2, 2.0, np.float32)}
+    resumed = _strategy("fedavgm")  # a restarted server: the momentum comes from the checkpoint
+    resumed.load_state_arrays(state)
+    for strategy in (s, resumed):
+        strategy.inner.current_arrays = arrays
+        out, _ = strategy.aggregate_train(2, [_reply(1, two, 10), _reply(2, two, 10)])
+        np.testing.assert_allclose(out["w"].numpy(), 1.0 + 1.0 + 0.9 * 1.0, rtol=1e-6)  # w + (update + 0.9 m)
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_a_server_optimiser_interrupted_and_resumed_equals_an_uninterrupted_run(strategy, mini_consortium, tmp_path):
     from server.app import main as server_main
 
-    extra = ["federation.strategy=fedadam", "federation.rounds=3", "federation.server_lr=0.01"]
+    _SITES.clear()  # sites are cached per run id, and both cases use the same ids
+    extra = [f"federation.strategy={strategy}", "federation.rounds=3", "federation.server_lr=0.01"]
     rc_full = run_config(mini_consortium, tmp_path / "full", *extra)
     server_main(InProcessGrid(rc_full, run_id=11), server_context(rc_full, 11))
+    _SITES.clear()
 
     rc = run_config(mini_consortium, tmp_path / "resumed", *extra)
     with pytest.raises(ServerCrash):
@@ -150,7 +173,8 @@ def test_fedadam_interrupted_and_resumed_equals_an_uninterrupted_run(mini_consor
     for k in full:
         np.testing.assert_allclose(resumed[k], full[k], atol=1e-6, rtol=0, err_msg=k)
     state = load_latest(tmp_path / "resumed" / "checkpoints")
-    assert any(k.startswith("m_t/") for k in state.strategy_state)  # FedAdam's moments were kept
+    kept = {"fedadam": "m_t/", "fedavgm": "momentum/"}[strategy]  # the server optimiser's state
+    assert any(k.startswith(kept) for k in state.strategy_state)
     assert (tmp_path / "resumed" / "model" / "model.safetensors").exists()
     assert (tmp_path / "resumed" / "curves.png").exists()
 
