@@ -9,15 +9,15 @@ A run is described by one :class:`Config` with four sections (``model``, ``data`
 3. dotted command-line overrides such as ``model.vision.depth=6``.
 
 The schemas are omegaconf *structured* configs: a key that does not exist, a value of the wrong
-type or a value outside a ``Literal`` field's choices raises :class:`ConfigError` with the offending key, so a typo never silently falls back to a
-default.
+type or a value outside a ``Literal`` field's choices raises :class:`ConfigError` with the offending
+key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints

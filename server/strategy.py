@@ -260,6 +260,8 @@ class HlipStrategy(Strategy):
         momentum = getattr(self.inner, "momentum_vector", None)
         if momentum is not None:
             out.update({f"momentum/{k}": np.asarray(v) for k, v in zip(self._momentum_order, momentum, strict=True)})
+        else:  # restored but not used yet (no usable update since the restart)
+            out.update({f"momentum/{k}": v for k, v in self._momentum.items()})
         return out
 
     def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:

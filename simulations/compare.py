@@ -61,9 +61,9 @@ KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1":
         "probe_auc_mean": "probe-mean", "prompt_ceiling_mean": "ceiling-mean"}
 HEADINGS = {"zeroshot_auc_mean": "zero-shot AUC", "balanced_acc_mean": "balanced acc", "r1": "R@1", "r5": "R@5",
             "r10": "R@10", "probe_auc_mean": "probe AUC", "prompt_ceiling_mean": "prompt ceiling"}
-# Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
 # The federated methods, each a federation.strategy run at the same budget as pooled training.
 FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm")
+# Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
 FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
                     "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
 

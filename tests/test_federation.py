@@ -142,6 +142,7 @@ def test_fedavgm_steps_along_the_momentum_of_the_averaged_updates():
     two = {"w": np.full((2, 2), 2.0, np.float32), "b": np.full(2, 2.0, np.float32)}
     resumed = _strategy("fedavgm")  # a restarted server: the momentum comes from the checkpoint
     resumed.load_state_arrays(state)
+    assert resumed.state_arrays().keys() == state.keys()  # kept until a round uses it
     for strategy in (s, resumed):
         strategy.inner.current_arrays = arrays
         out, _ = strategy.aggregate_train(2, [_reply(1, two, 10), _reply(2, two, 10)])
