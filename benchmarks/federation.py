@@ -379,7 +379,7 @@ def preset_bytes(presets: list[str]) -> dict:
     for name in presets:
         cfg = load_config(name, overrides=["model.text.pretrained=false"])  # MiniLM's shapes, no weights
         model = create_model(cfg.model, seed=0)
-        arrays = get_arrays(model, federated_keys(model, cfg.federation.groups))
+        arrays = get_arrays(model, federated_keys(model, cfg.federation.groups, cfg.federation.site_local))
         out[name] = {"bytes": count_bytes(arrays), "parameters": sum(v.numel() for v in arrays.values())}
         del model
     return out

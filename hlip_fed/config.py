@@ -183,6 +183,9 @@ class FederationConfig:
     server_momentum: float = 0.9
     trim_fraction: float = 0.2
     groups: list[str] = field(default_factory=lambda: ["vision", "text_proj", "logit"])
+    # Parameter kinds that stay at each site (hlip_fed/federation/params.py): ["norms"] keeps the
+    # vision tower's LayerNorms local, as FedBN does; the server's model keeps their initial values.
+    site_local: list[Literal["norms"]] = field(default_factory=list)
     # A saved model folder (hlip-fed model import, or a previous run's model) whose federated weights
     # the run starts from instead of a random initialisation; None: random.
     init: str | None = None
@@ -360,6 +363,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("federation.node_wait_s must be positive: waiting for sites is bounded")
     if not 0 < fed.poll_interval_s <= 3:
         raise ConfigError("federation.poll_interval_s must be in (0, 3] seconds")
+    if fed.site_local and fed.init:
+        raise ConfigError("federation.site_local with federation.init: the sites cannot read the server's initial "
+                          "model for the parameters they keep")
     if not 0.0 <= fed.server_momentum < 1.0:
         raise ConfigError("federation.server_momentum must be in [0, 1)")
     if not 1 <= fed.quorum <= max(fed.min_nodes, 1):

@@ -40,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
-from hlip_fed.federation.local import _SITES
-from hlip_fed.federation.params import federated_keys, start_from
+from hlip_fed.federation.local import _SITES, latest_site_local
+from hlip_fed.federation.params import federated_keys, set_arrays, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
@@ -61,8 +62,10 @@ KEYS = {"zeroshot_auc_mean": "auc-mean", "balanced_acc_mean": "bacc-mean", "r1":
         "probe_auc_mean": "probe-mean", "prompt_ceiling_mean": "ceiling-mean"}
 HEADINGS = {"zeroshot_auc_mean": "zero-shot AUC", "balanced_acc_mean": "balanced acc", "r1": "R@1", "r5": "R@5",
             "r10": "R@10", "probe_auc_mean": "probe AUC", "prompt_ceiling_mean": "prompt ceiling"}
-# The federated methods, each a federation.strategy run at the same budget as pooled training.
-FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm")
+# The federated methods, each a federation.strategy run at the same budget as pooled training;
+# fedbn is FedAvg with the vision LayerNorms kept at each site (federation.site_local=[norms]),
+# scored as the mean over the sites' own models (the global weights with each site's norms).
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedbn")
 # Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
 FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
                     "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
@@ -172,13 +175,29 @@ def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: 
     """Run the real ServerApp/ClientApp in-process; returns the run folder (final model in model/)."""
     run = out / method
     shutil.rmtree(run, ignore_errors=True)
-    overrides = cfg_args["overrides"] + [f"federation.strategy={method}", f"federation.min_nodes={n_sites}", f"train.seed={seed}"]
+    strategy, extra = ("fedavg", ["federation.site_local=[norms]"]) if method == "fedbn" else (method, [])
+    overrides = cfg_args["overrides"] + extra + [f"federation.strategy={strategy}", f"federation.min_nodes={n_sites}",
+                                                 f"train.seed={seed}"]
     run_config = {"config": cfg_args["config"], "overrides": " ".join(shlex.quote(o) for o in overrides),
                   "data-root": str(data_root), "run-dir": str(run)}
     _SITES.clear()
     run_federation(run_config, num_nodes=n_sites, run_id=seed * 1000 + len(str(run)))
     _SITES.clear()
     return run
+
+
+def federated_metrics(run: Path, cons: Consortium, tok) -> dict[str, float]:
+    """Held-out figures of a federated run's model; with site-local parameters, the mean over the
+    sites' own models (the global weights with each site's kept parameters)."""
+    kept = [latest_site_local(run / "sites" / site.name) for site in cons.sites]
+    if not any(kept):
+        return heldout_metrics(HLIP.from_pretrained(run / "model"), tok, cons)
+    per_site = []
+    for path in kept:
+        model = HLIP.from_pretrained(run / "model")
+        set_arrays(model, load_file(path))
+        per_site.append(heldout_metrics(model, tok, cons))
+    return {k: float(np.mean([m[k] for m in per_site])) for k in per_site[0]}
 
 
 def loso_view(root: Path, left_out: str, out: Path) -> Path:
@@ -236,8 +255,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
             started = time.time()
             run = federated(method, cfg_args, cons.root, out, n, seed)
-            model = HLIP.from_pretrained(run / "model")
-            res[method] = heldout_metrics(model, create_tokenizer(cfg.model), cons)
+            res[method] = federated_metrics(run, cons, create_tokenizer(cfg.model))
             done(method, started, federated_steps(run))
     if "loso" in methods:
         res.setdefault("loso", {})

@@ -55,6 +55,14 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert set(again) - {"per_seed"} >= {"pooled", "fedavg"} and "local" not in again
     assert again["pooled"]["zeroshot_auc_mean"] == res["pooled"]["zeroshot_auc_mean"]
+    # FedBN at the same budget, scored as the mean of the sites' own models (global + own norms).
+    assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--overrides", overrides,
+                         "--methods", "fedbn,fedavg", "--resume"]) == 0
+    fedbn = json.loads((out / "results.json").read_text())["fedbn"]
+    assert 0.0 <= fedbn["zeroshot_auc_mean"] <= 1.0 and set(fedbn) == set(res["fedavg"])
+    assert json.loads((out / "seed-0" / "progress.json").read_text())["steps"]["fedbn"] == res["budget_steps"]
+    for site in sites:  # every site kept its own norms, which the scoring read
+        assert (out / "seed-0" / "fedbn" / "sites" / site / "site-local-round-0002.safetensors").is_file()
     # The tables are the JSON's figures: the pooled row's headline cells, as written.
     pooled = next(line for line in md.splitlines() if line.startswith("| pooled |")).split(" | ")
     assert pooled[1] == f"{res['pooled']['zeroshot_auc_mean']:.3f}" and pooled[4] == f"{res['pooled']['r5']:.3f}"

@@ -243,3 +243,50 @@ def test_a_warm_site_does_not_parse_the_run_config_again(mini_consortium, tmp_pa
         reply = client_module.app(train_message(arrays, server_round=server_round), context)
         assert not reply.has_error(), reply.error
     assert len(parsed) == 1
+
+
+def test_site_local_norms_never_travel_and_each_site_keeps_its_own(mini_consortium, tmp_path):
+    """federation.site_local=[norms] (FedBN for HLIP's LayerNorms): the replies carry no norm, the
+    server's model keeps the initial norms, and every site trains and keeps its own across rounds."""
+    from safetensors.torch import load_file
+
+    from hlip_fed.config import load_config
+    from hlip_fed.federation.local import latest_site_local
+    from hlip_fed.federation.params import site_local_keys
+    from server.app import main as server_main
+
+    _SITES.clear()
+    rc = run_config(mini_consortium, tmp_path / "run", "federation.site_local=[norms]", "federation.rounds=2")
+    grid = InProcessGrid(rc, run_id=61)
+    server_main(grid, server_context(rc, 61))
+    cfg = load_config("tiny", overrides=FAST_RUN)
+    initial = create_model(cfg.model, seed=cfg.train.seed).state_dict()
+    norms = site_local_keys(create_model(cfg.model, seed=0), ["norms"])
+    assert len(norms) == 2 * 2 * cfg.model.vision.depth + 2  # two LayerNorms a block, and the final one
+    sent = {k for _, _, content in grid.sent for k in content.array_records["arrays"]}
+    assert sent and not sent & set(norms) and "visual.blocks.0.attn.qkv.weight" in sent
+    final = load_latest(tmp_path / "run" / "checkpoints").arrays
+    assert not set(final) & set(norms)  # the server never holds a site's norms
+    kept = {}
+    for site in ("site0", "site1", "site2"):
+        state = tmp_path / "run" / "sites" / site
+        assert sorted(p.name for p in state.glob("site-local-round-*")) == [
+            "site-local-round-0001.safetensors", "site-local-round-0002.safetensors"]
+        kept[site] = load_file(latest_site_local(state))
+        assert set(kept[site]) == set(norms)
+        assert not torch.equal(kept[site]["visual.norm.weight"], initial["visual.norm.weight"])  # trained at the site
+    assert not torch.equal(kept["site0"]["visual.norm.weight"], kept["site1"]["visual.norm.weight"])
+    assert "Site-local parameters (norms) never left the sites" in (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_site_local_kinds_are_checked():
+    from hlip_fed.config import ConfigError, load_config
+    from hlip_fed.errors import HlipError
+    from hlip_fed.federation.params import site_local_keys
+
+    with pytest.raises(ConfigError, match="federation.site_local"):
+        load_config("tiny", overrides=["federation.site_local=[batchnorm]"])
+    with pytest.raises(ConfigError, match="federation.init"):
+        load_config("tiny", overrides=["federation.site_local=[norms]", "federation.init=models/x"])
+    with pytest.raises(HlipError, match="unknown kind"):
+        site_local_keys(create_model(load_config("tiny", overrides=FAST_RUN).model, seed=0), ["batchnorm"])

@@ -54,7 +54,7 @@ class Coordinator:
         self.data_root = Path(data_root) if data_root else None
         self.model = create_model(cfg.model, seed=cfg.train.seed)
         self.tokenizer = create_tokenizer(cfg.model)
-        self.keys = federated_keys(self.model, cfg.federation.groups)
+        self.keys = federated_keys(self.model, cfg.federation.groups, cfg.federation.site_local)
         if cfg.federation.init:
             start_from(self.model, cfg.federation.init, self.keys)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k in self.keys}

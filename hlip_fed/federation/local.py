@@ -4,10 +4,11 @@
 training and test loaders, its labels. Building these costs seconds (the text encoder, the dataset
 index), so :func:`local_site` keeps one per process keyed by run and site: in simulation, and in a
 SuperNode that keeps its ClientApp process, later rounds reuse them. What must survive a fresh
-process (the optimiser moments) is written to the site's state folder after every round and read
-back from the previous round's file only, so a repeated round starts from the same state; so are
-the locked text encoder's report features (:mod:`hlip_fed.model.text_cache`), computed once per
-report and site.
+process (the optimiser moments, and the site-local parameters of ``federation.site_local``, which
+never leave the site) is written to the site's state folder after every round and read back from
+the previous round's file only, so a repeated round starts from the same state; so are the locked
+text encoder's report features (:mod:`hlip_fed.model.text_cache`), computed once per report and
+site.
 
 Only the federated arrays and scalar metrics leave :meth:`LocalSite.train_round` and
 :meth:`LocalSite.evaluate`; no voxel, report text or study id does.
@@ -22,12 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from hlip_fed.config import Config
 from hlip_fed.data.dataset import SiteDataset, collate_studies
 from hlip_fed.errors import HlipError
-from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, text_tower_hash
+from hlip_fed.federation.params import federated_keys, get_arrays, set_arrays, site_local_keys, text_tower_hash
 from hlip_fed.federation.run import Site, read_labels
 from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
@@ -55,7 +57,9 @@ class LocalSite:
             cfg.data.cache_dir = str(site.state_dir / "cache")
         self.model = create_model(cfg.model, seed=cfg.train.seed)
         self.tokenizer = create_tokenizer(cfg.model)
-        self.keys = federated_keys(self.model, cfg.federation.groups)
+        self.keys = federated_keys(self.model, cfg.federation.groups, cfg.federation.site_local)
+        self.local_keys = site_local_keys(self.model, cfg.federation.site_local)  # never leave the site
+        self._initial_local = get_arrays(self.model, self.local_keys)
         img = cfg.model.vision.img_size
         self.train_set = SiteDataset(site.data_dir, cfg.data, img, split="train", train=True)
         self.test_set = SiteDataset(site.data_dir, cfg.data, img, split="test")
@@ -83,6 +87,13 @@ class LocalSite:
     def _optimizer_file(self, server_round: int) -> Path:
         return self.site.state_dir / f"optimizer-round-{server_round:04d}.pt"
 
+    def _load_local(self, before_round: int | None = None) -> None:
+        """The site-local parameters as the site's last round before ``before_round`` (any round if
+        None) left them; the initial ones if it has none."""
+        if self.local_keys:
+            path = latest_site_local(self.site.state_dir, before_round)
+            set_arrays(self.model, load_file(path) if path is not None else self._initial_local)
+
     def train_round(
         self, global_arrays: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -90,6 +101,7 @@ class LocalSite:
         if len(self.train_set) == 0:
             raise RuntimeError(f"site {self.site.name}: no usable training studies in {self.site.data_dir}")
         set_arrays(self.model, global_arrays)
+        self._load_local(before_round=server_round)
         seed = round_seed(cfg.train.seed, server_round, self.site.name)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -115,6 +127,10 @@ class LocalSite:
         for old in self.site.state_dir.glob("optimizer-round-*.pt"):
             if old.name < self._optimizer_file(server_round - 1).name:
                 old.unlink()
+        if self.local_keys:  # this round's and the one it started from, should this round be repeated
+            save_file(get_arrays(self.model, self.local_keys), site_local_file(self.site.state_dir, server_round))
+            for old in sorted(self.site.state_dir.glob("site-local-round-*.safetensors"))[:-2]:
+                old.unlink()
         arrays = get_arrays(self.model, self.keys)
         metrics = {
             "num-examples": float(stats.examples),
@@ -129,12 +145,26 @@ class LocalSite:
 
     def evaluate(self, global_arrays: dict[str, torch.Tensor], prompts: dict[str, tuple[list[str], list[str]]]) -> dict[str, float]:
         set_arrays(self.model, global_arrays)
+        self._load_local()  # the site's own model: the global weights and its own site-local ones
         loader = DataLoader(self.test_set, batch_size=self.cfg.train.batch_size, collate_fn=collate_studies)
         metrics = evaluate(self.model, self.tokenizer, loader, self.labels, prompts, device=self.cfg.train.device,
                            text_cache=self.eval_text_cache)
         if self.eval_text_cache is not None:
             self.eval_text_cache.flush()
         return metrics
+
+
+def site_local_file(state_dir: Path, server_round: int) -> Path:
+    """Where a site keeps its site-local parameters after ``server_round``."""
+    return Path(state_dir) / f"site-local-round-{server_round:04d}.safetensors"
+
+
+def latest_site_local(state_dir: Path, before_round: int | None = None) -> Path | None:
+    """A site's newest site-local parameter file (of a round before ``before_round``), if any."""
+    files = sorted(Path(state_dir).glob("site-local-round-*.safetensors"))
+    if before_round is not None:
+        files = [f for f in files if f.name < site_local_file(state_dir, before_round).name]
+    return files[-1] if files else None
 
 
 _SITES: dict[tuple, LocalSite] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -26,15 +27,32 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def federated_keys(model: nn.Module, groups: list[str]) -> list[str]:
-    """State-dict keys of ``groups`` in ``model``, in state-dict order."""
+# Parameters that stay at each site (``federation.site_local``): never sent, never averaged. "norms"
+# are the vision tower's LayerNorm scales and shifts, as FedBN keeps each site's batch norms, so
+# that a site's scanner statistics stay its own.
+SITE_LOCAL: dict[str, Callable[[str], bool]] = {
+    "norms": lambda key: key.startswith("visual.") and key.rsplit(".", 2)[-2].startswith("norm"),
+}
+
+
+def site_local_keys(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """State-dict keys of the site-local parameter kinds ``names``, in state-dict order."""
+    unknown = [n for n in names if n not in SITE_LOCAL]
+    if unknown:
+        raise HlipError(f"federation.site_local: unknown kind {unknown[0]!r} (known: {', '.join(SITE_LOCAL)})")
+    return [k for k in model.state_dict() if any(SITE_LOCAL[n](k) for n in names)]
+
+
+def federated_keys(model: nn.Module, groups: list[str], site_local: Iterable[str] = ()) -> list[str]:
+    """State-dict keys of ``groups`` in ``model``, in state-dict order, without the site-local ones."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise HlipError(f"federation.groups: unknown group {unknown[0]!r} (known: {', '.join(GROUPS)})")
     if "text_encoder" in groups and getattr(model, "cfg", None) is not None and model.cfg.text.lock:
         raise HlipError("federation.groups: text_encoder is locked (model.text.lock=true) and is never sent")
     prefixes = tuple(p for g in groups for p in GROUPS[g])
-    keys = [k for k in model.state_dict() if k.startswith(prefixes)]
+    local = set(site_local_keys(model, site_local))
+    keys = [k for k in model.state_dict() if k.startswith(prefixes) and k not in local]
     if not keys:
         raise HlipError(f"federation.groups {groups} select no weights of the model")
     return keys

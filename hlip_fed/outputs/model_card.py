@@ -88,6 +88,8 @@ def provenance_from_run(run_dir: str | os.PathLike, cfg=None, data_root: str | o
                     text_model=cfg.model.text.name, preset=cfg.model.preset)
         if cfg.federation.init:
             prov["initial_weights"] = initial_weights(cfg.federation.init)
+        if cfg.federation.site_local:
+            prov["site_local"] = list(cfg.federation.site_local)
     if data_root is not None:
         prov["data_hash"] = tree_digest(data_root)
         if (Path(data_root) / "consortium.json").is_file():
@@ -130,7 +132,8 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
     ``provenance`` keys (all optional): ``rounds``, ``sites`` (name -> examples), ``data_hash``,
     ``config_hash``, ``strategy``, ``text_model``, ``initial_weights`` (where training started;
     default: a random initialisation), ``data`` (what it was trained on; default:
-    synthetic phantoms), ``final_metrics``, ``intended_use``, ``notes``.
+    synthetic phantoms), ``final_metrics``, ``intended_use``, ``notes``, ``site_local`` (the
+    parameter kinds that stayed at the sites).
     """
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,9 @@ def write_model_card(model_dir: str | os.PathLike, provenance: dict) -> Path:
             "(hlip-fed predict --labels-file) before reading them as probabilities.",
             "Performance depends on the sites' case mix, modalities and report language; check it on "
             "each new site's data.",
+            *([f"Site-local parameters ({', '.join(provenance['site_local'])}) never left the sites: this "
+               "model holds their initial values; a site's own model is these weights with the site-local "
+               "ones kept in its state folder."] if provenance.get("site_local") else []),
         ],
         "licences": {
             "hlip-fed": "Apache-2.0",
