@@ -95,7 +95,7 @@ def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> 
     summary = summarise([result])
     (run / "comparison.md").write_text(markdown(summary))
     print("\nheld-out set, equal compute (1 seed; probe and prompt-ceiling tables in comparison.md):\n"
-          + markdown(summary, families=("zeroshot_auc_",)))
+          + markdown(summary, families=("zeroshot_auc_",)).rstrip("\n"))
 
 
 def main() -> int:
