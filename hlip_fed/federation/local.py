@@ -175,8 +175,8 @@ def local_site(run_id: int, site: Site, make_config: Callable[[], Config]) -> Lo
 
     A simulation worker serves several sites in turn, so every site of the current run is kept;
     sites of earlier runs are dropped to free their models. ``make_config`` (the run config parsed
-    into a :class:`Config`) is called only to build a site: a run's config does not change, and
-    parsing it costs about 80 ms, which every message would otherwise pay.
+    into a :class:`Config`) is called only to build a site: a run's config does not change, so it is
+    parsed once per site rather than on every message.
     """
     key = (run_id, site.name, str(site.data_dir))
     if key not in _SITES:
