@@ -15,6 +15,7 @@ key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, is_dataclass
@@ -261,6 +262,7 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
 _YAML_BOOLS = {False: ("off", "no", "n", "false"), True: ("on", "yes", "y", "true")}
 
 
+@functools.cache
 def _bool_word_choices(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
     """Dotted keys of the ``Literal`` fields with a choice that YAML reads as a boolean, with their choices."""
     out: dict[str, tuple[str, ...]] = {}

@@ -66,6 +66,7 @@ HEADINGS = {"zeroshot_auc_mean": "zero-shot AUC", "balanced_acc_mean": "balanced
 # fedbn is FedAvg with the vision LayerNorms kept at each site (federation.site_local=[norms]),
 # scored as the mean over the sites' own models (the global weights with each site's norms).
 FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedbn")
+METHODS = ("pooled", "local", *FEDERATED, "loso")
 # Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
 FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
                     "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
@@ -189,12 +190,12 @@ def federated(method: str, cfg_args: dict, data_root: Path, out: Path, n_sites: 
 def federated_metrics(run: Path, cons: Consortium, tok) -> dict[str, float]:
     """Held-out figures of a federated run's model; with site-local parameters, the mean over the
     sites' own models (the global weights with each site's kept parameters)."""
+    model = HLIP.from_pretrained(run / "model")
     kept = [latest_site_local(run / "sites" / site.name) for site in cons.sites]
     if not any(kept):
-        return heldout_metrics(HLIP.from_pretrained(run / "model"), tok, cons)
+        return heldout_metrics(model, tok, cons)
     per_site = []
-    for path in kept:
-        model = HLIP.from_pretrained(run / "model")
+    for path in kept:  # every site's file holds all the site-local keys: each replaces the last's
         set_arrays(model, load_file(path))
         per_site.append(heldout_metrics(model, tok, cons))
     return {k: float(np.mean([m[k] for m in per_site])) for k in per_site[0]}
@@ -270,7 +271,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
                                                      cons.test[site.name], cons.site_labels[site.name])
             done(f"loso-{site.name}", started, federated_steps(run))
-    return {m: res[m] for m in ("pooled", "local", *FEDERATED, "loso") if m in res and m in methods}
+    return {m: res[m] for m in METHODS if m in res and m in methods}
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso",
-                        help=f"comma-separated, of pooled, local, {', '.join(FEDERATED)}, loso")
+                        help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
     args = parser.parse_args(argv)
     if args.config is None:
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = overrides + [f"data.cache_dir={cfg.data.cache_dir}"]
     cfg_args = {"config": args.config, "overrides": overrides}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"pooled", "local", *FEDERATED, "loso"})
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown method(s) {', '.join(unknown)}")
     cons = Consortium(data, cfg)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from hlip_fed.config import load_config
 from hlip_fed.federation.run import consortium_sites
-from hlip_fed.model import HLIP, create_tokenizer
+from hlip_fed.model import create_tokenizer
 from hlip_fed.outputs.report import format_row, read_rounds, round_table
 from hlip_fed.synth.consortium import build_consortium
-from simulations.compare import Consortium, heldout_metrics, markdown, run_seed, summarise
+from simulations.compare import Consortium, federated_metrics, markdown, run_seed, summarise
 from simulations.flower_home import flower_env, stop_local_superlink, write_flower_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def compare_with_baselines(data: Path, run: Path, overrides: str, seed: int) -> 
     cons = Consortium(data, cfg)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = run_seed(cons, cfg, {"config": "demo", "overrides": extra}, run / "baselines", seed, ["pooled", "local"], log)
-    result["fedavg"] = heldout_metrics(HLIP.from_pretrained(run / "model"), create_tokenizer(cfg.model), cons)
+    result["fedavg"] = federated_metrics(run, cons, create_tokenizer(cfg.model))
     summary = summarise([result])
     (run / "comparison.md").write_text(markdown(summary))
     print("\nheld-out set, equal compute (1 seed; probe and prompt-ceiling tables in comparison.md):\n"

@@ -194,6 +194,9 @@ def test_text_weights_go_into_a_local_bert_folder(tmp_path):
     save_file(official, str(tmp_path / "hlip.safetensors"))
     assert cli(["model", "import", str(tmp_path / "hlip.safetensors"), "--preset", "tiny", "--out",
                 str(tmp_path / "model"), "--text-dir", str(folder)]) == 0
+    import json
+
+    assert json.loads((tmp_path / "model" / "model_card.json").read_text())["text_model"] == str(folder.resolve())
     model, tok = load_pretrained(tmp_path / "model")
     model.eval()
     batch = tok(["No acute intracranial abnormality."])

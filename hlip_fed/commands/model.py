@@ -43,17 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_import(args: argparse.Namespace) -> int:
     import hashlib
 
-    from hlip_fed.config import load_config
     from hlip_fed.model.hlip_layout import import_checkpoint
     from hlip_fed.outputs.model_card import write_model_card
 
     out = import_checkpoint(args.checkpoint, args.preset, args.out, text_dir=args.text_dir, overrides=args.overrides)
     digest = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()
     towers = "vision and text towers" if args.text_dir else "vision tower (text tower: the preset's)"
-    text_model = str(args.text_dir.resolve()) if args.text_dir else load_config(args.preset, overrides=args.overrides).model.text.name
+    # The card reads the text model from the folder's config.yaml, as import_checkpoint saved it.
     write_model_card(out, {"initial_weights": f"HLIP checkpoint {args.checkpoint.name} (sha256 {digest[:16]}), "
                                               f"{towers}, imported with hlip-fed model import",
-                           "preset": args.preset, "text_model": text_model})
+                           "preset": args.preset})
     print(f"imported {args.checkpoint} -> {out} (preset {args.preset}, "
           f"{'vision and text towers' if args.text_dir else 'vision tower'})")
     return 0
