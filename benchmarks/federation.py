@@ -11,7 +11,9 @@ Three measurements:
    evaluation, checkpoint, metrics line, plot) in the parent. A round is the same work on both
    sides: every site trains ``federation.local_steps`` steps, the updates are averaged (FedAvg,
    weighted by examples), every site evaluates the new model, the server evaluates it on the
-   held-out set and checkpoints it. Round wall times come from when each round's line appears in
+   held-out set and checkpoints it. The direct run makes the ServerApp's exchanges: with
+   ``federation.evaluate_with_train`` (the default) a site evaluates the model it receives inside
+   its training task, and the last round's model in a task of its own. Round wall times come from when each round's line appears in
    ``metrics.jsonl``; round 1 includes start-up (runtime, model, text encoder, datasets, the
    initial evaluation) and is reported separately. Overhead ratio = Flower round / direct round.
 2. **Process per message.** What deployment pays when every message starts a fresh ClientApp
@@ -229,11 +231,13 @@ def _site(rc: dict, index: int, sites: int):
     return _WORKER[key]
 
 
-def _train(rc: dict, index: int, sites: int, arrays: dict, server_round: int):
+def _train(rc: dict, index: int, sites: int, arrays: dict, server_round: int, prompts: dict | None):
+    """A site's training message: the received model's evaluation first when ``prompts`` come with it."""
     fresh = (rc["run-dir"], index) not in _WORKER
     site = _site(rc, index, sites)
+    evaluation = site.evaluate(arrays, prompts) if prompts is not None else None
     arrays, metrics = site.train_round(arrays, server_round=server_round, proximal_mu=0.0)
-    return arrays, metrics | {"build-seconds": site.build_seconds if fresh else 0.0}
+    return arrays, metrics | {"build-seconds": site.build_seconds if fresh else 0.0}, evaluation
 
 
 def _evaluate(rc: dict, index: int, sites: int, arrays: dict, prompts: dict):
@@ -243,9 +247,9 @@ def _evaluate(rc: dict, index: int, sites: int, arrays: dict, prompts: dict):
 def fedavg(replies: list[tuple[dict, dict]]) -> dict:
     import torch
 
-    total = sum(m["num-examples"] for _, m in replies)
+    total = sum(m["num-examples"] for _, m, _ in replies)
     keys = replies[0][0].keys()
-    return {k: sum(a[k].double() * (m["num-examples"] / total) for a, m in replies).to(torch.float32) for k in keys}
+    return {k: sum(a[k].double() * (m["num-examples"] / total) for a, m, _ in replies).to(torch.float32) for k in keys}
 
 
 def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[str], preset: str,
@@ -268,22 +272,27 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
         curves = CurvePlotter(run)  # as the ServerApp: drawn while the next round runs
         arrays = coord.initial_arrays()
         coord.evaluate_global(arrays)  # the ServerApp's initial evaluation (round 0)
+        with_train = cfg.federation.evaluate_with_train  # the exchanges the ServerApp makes
         for r in range(1, rounds + 1):
             p = {}
             t = time.perf_counter()
-            replies = list(pool.map(_train, *zip(*[(rc, i, sites, arrays, r) for i in range(sites)])))
+            prompts = coord.prompts if with_train and r > 1 else None
+            replies = list(pool.map(_train, *zip(*[(rc, i, sites, arrays, r, prompts) for i in range(sites)])))
             p["train"] = time.perf_counter() - t
-            site_seconds.append(statistics.mean(m["train-seconds"] for _, m in replies))
-            builds.extend(m["build-seconds"] for _, m in replies if m["build-seconds"])
+            site_seconds.append(statistics.mean(m["train-seconds"] for _, m, _ in replies))
+            builds.extend(m["build-seconds"] for _, m, _ in replies if m["build-seconds"])
+            record = RoundRecord(train_sites={str(i): m for i, (_, m, _) in enumerate(replies)})
+            if prompts is not None:
+                record.previous_eval = {"round": r - 1, "eval_sites": {str(i): e for i, (_, _, e) in enumerate(replies)}}
             arrays = fedavg(replies)
             t = time.perf_counter()
-            evals = list(pool.map(_evaluate, *zip(*[(rc, i, sites, arrays, coord.prompts) for i in range(sites)])))
+            if not with_train or r == rounds:
+                evals = list(pool.map(_evaluate, *zip(*[(rc, i, sites, arrays, coord.prompts) for i in range(sites)])))
+                record.eval_sites = {str(i): e for i, e in enumerate(evals)}
             p["site_evaluate"] = time.perf_counter() - t
             t = time.perf_counter()
-            heldout = coord.evaluate_global(arrays)
+            record.heldout = coord.evaluate_global(arrays)
             p["heldout"] = time.perf_counter() - t
-            record = RoundRecord(train_sites={str(i): m for i, (_, m) in enumerate(replies)},
-                                 eval_sites={str(i): e for i, e in enumerate(evals)}, heldout=heldout)
             coord.end_round(r, arrays, record, {})
             curves.request()
             p["server"] = time.perf_counter() - t

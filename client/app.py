@@ -3,8 +3,9 @@
 Everything a site does lives in :mod:`hlip_fed.federation.local`; this file only moves Flower
 records in and out. The reply holds the federated arrays (encoded for ``federation.transport``:
 fp32, fp16 or bf16 bit patterns, weights or deltas; see :mod:`hlip_fed.federation.transport`) and
-scalar metrics, nothing else. The mods (:mod:`client.mods`) audit every reply as it leaves and
-answer a failure with its error code alone.
+scalar metrics (with ``federation.evaluate_with_train``, a training reply adds the scalar metrics
+of the received model's evaluation), nothing else. The mods (:mod:`client.mods`) audit every reply
+as it leaves and answer a failure with its error code alone.
 """
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -13,7 +14,7 @@ from flwr.clientapp import ClientApp
 from client.mods import injected_faults, server_round, site_audit
 from hlip_fed.federation.admission import admit
 from hlip_fed.federation.local import LocalSite, local_site
-from hlip_fed.federation.run import config_from_run, prompts_from_config, resolve_site
+from hlip_fed.federation.run import EVALUATION, config_from_run, prompts_from_config, resolve_site
 from hlip_fed.federation.transport import encode_arrays, to_array_record
 
 app = ClientApp(mods=[site_audit, injected_faults])
@@ -33,12 +34,18 @@ def admitted_site(kind: str, msg: Message, context: Context) -> LocalSite:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     local = admitted_site("train", msg, context)
+    config = dict(msg.content["config"])
     received = msg.content["arrays"].to_torch_state_dict()
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    # One exchange a round: the server may ask for the received global model's evaluation as well.
+    evaluation = local.evaluate(received, prompts_from_config(config)) if config.get(EVALUATION) else None
+    proximal_mu = float(config.get("proximal-mu", 0.0))
     arrays, metrics = local.train_round(received, server_round=server_round(msg), proximal_mu=proximal_mu)
     fed = local.cfg.federation  # what leaves the site: the arrays (or the update) in the run's wire dtype
     sent = encode_arrays(arrays, received, fed.transport, fed.send_deltas)
-    return Message(RecordDict({"arrays": to_array_record(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"arrays": to_array_record(sent), "metrics": MetricRecord(metrics)})
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(evaluation)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -196,6 +196,10 @@ class FederationConfig:
     # always goes out in fp32.
     transport: Literal["fp32", "fp16", "bf16"] = "fp32"
     send_deltas: bool = False
+    # Sites evaluate the global model they receive for training and send the metrics with their
+    # update: one exchange a round instead of a training and an evaluation exchange; the final model
+    # is evaluated in an exchange of its own (server/strategy.py).
+    evaluate_with_train: bool = True
     round_timeout_s: float = 600.0
     # How often the server asks the SuperLink for replies while a round's sites work. Deployment's
     # grid waits 3 s between asks (up to 6 s of idle server per round); the simulation's asks every

@@ -55,8 +55,11 @@ class PromptGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages``, then collect replies until all are in or ``timeout`` seconds pass."""
+        """Push ``messages``, then collect replies until all are in or ``timeout`` seconds pass (no
+        messages: no exchange)."""
         messages = list(messages)
+        if not messages:
+            return []
         pushed, t0 = time.time(), time.monotonic()
         waiting = set(self.push_messages(messages))
         end = None if timeout is None else t0 + timeout

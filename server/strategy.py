@@ -15,6 +15,11 @@ strategy that holds it and adds:
 * bounded waiting for sites: Flower's sampling waits forever for ``min_available_nodes``; here a
   round waits at most ``federation.node_wait_s``, then goes ahead with the connected sites if
   they reach ``federation.quorum``, or stops the run naming the node ids it misses;
+* one exchange a round (``federation.evaluate_with_train``): from the second round on, the training
+  messages carry the evaluation config too, each site evaluates the global model it received
+  before training on it and sends the metrics as a second record (``evaluation``), which is taken
+  off the reply before screening and kept in the round's ``previous_eval``; the evaluation
+  exchange runs only after the last round, for the final model;
 * aggregated arrays are cast back to fp32 (FedOpt computes in float64);
 * a round offset: ``Strategy.start`` always counts from 1, so a resumed run adds the rounds already
   done to every round number the clients, the schedules and FedOpt's bias correction see.
@@ -22,6 +27,7 @@ strategy that holds it and adds:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -29,13 +35,14 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from hlip_fed.config import FederationConfig
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.round_record import RoundRecord
+from hlip_fed.federation.run import EVALUATION
 from hlip_fed.federation.screen import screen_replies, screen_update_norms
 from hlip_fed.federation.transport import decode_replies
 from hlip_fed.training.evaluate import aggregate_site_metrics
@@ -85,6 +92,18 @@ def wait_for_nodes(
     )
 
 
+def split_evaluations(replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Training replies without the ``evaluation`` record a site added, and those evaluations as
+    evaluation replies of their own (same metadata), so each is screened as its kind is."""
+    evaluations = []
+    for reply in replies:
+        if not reply.has_error() and EVALUATION in reply.content:
+            record = reply.content[EVALUATION]
+            del reply.content[EVALUATION]
+            evaluations.append(Message(metadata=copy.copy(reply.metadata), content=RecordDict({"metrics": record})))
+    return replies, evaluations
+
+
 class HlipStrategy(Strategy):
     """The Flower strategy ``inner`` with screened replies, bounded waits, a round offset, fp32
     aggregates and a record of every round (``round_record``)."""
@@ -102,6 +121,16 @@ class HlipStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def start(self, *, num_rounds: int = 3, evaluate_config: ConfigRecord | None = None, **kwargs):
+        """Flower's round loop; the evaluation config and the round count are kept for one exchange a round."""
+        self._evaluate_config = evaluate_config or ConfigRecord()
+        self._num_rounds = num_rounds
+        return super().start(num_rounds=num_rounds, evaluate_config=evaluate_config, **kwargs)
+
+    def _evaluates_with_train(self, server_round: int) -> bool:
+        """Whether this round's training messages carry the evaluation of the model they send."""
+        return self.fed.evaluate_with_train and server_round > 1
 
     @contextmanager
     def _attendance(self, grid: Grid, what: str, server_round: int):
@@ -147,6 +176,8 @@ class HlipStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.round_record, self._sent = RoundRecord(), {}
         self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        if self._evaluates_with_train(server_round):
+            config = ConfigRecord({**self._evaluate_config, **config, EVALUATION: True})
         with self._attendance(grid, "training", server_round):
             return self._remember(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
 
@@ -159,8 +190,13 @@ class HlipStrategy(Strategy):
         return arrays, metrics
 
     def _aggregate_train(self, server_round: int, replies):
+        replies, evaluations = split_evaluations(list(replies))
+        if self._evaluates_with_train(server_round):
+            per_site, merged = self._site_evaluations(server_round, evaluations)
+            self.round_record.previous_eval = {"round": server_round + self.offset - 1, "eval": merged,
+                                               "eval_sites": per_site}
         # Compressed replies (fp16/bf16, deltas) become fp32 weights before anything judges them.
-        replies, undecodable = decode_replies(list(replies), self._global, self.fed.transport,
+        replies, undecodable = decode_replies(replies, self._global, self.fed.transport,
                                               self.fed.send_deltas, node_of=self._node_of)
         good, rejected = screen_replies(replies, self.expected, node_of=self._node_of)
         rejected = undecodable + rejected
@@ -233,21 +269,30 @@ class HlipStrategy(Strategy):
 
     # -- evaluation ----------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._evaluating = not (self.fed.evaluate_with_train and server_round < self._num_rounds)
+        if not self._evaluating:
+            return []  # the next round's training messages carry this model's evaluation
         self._sent = {}
         with self._attendance(grid, "evaluation", server_round):
             return self._remember(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
-        good, rejected = screen_replies(list(replies), None, node_of=self._node_of)
+        if not self._evaluating:
+            return None
+        per_site, merged = self._site_evaluations(server_round, list(replies))
+        self.round_record.eval_sites = per_site
+        if not per_site:
+            return None
+        self.round_record.eval = merged
+        return MetricRecord(merged)
+
+    def _site_evaluations(self, server_round: int, replies: list[Message]) -> tuple[dict, dict]:
+        """Each site's evaluation metrics (node id -> metrics) that pass screening, and their merge."""
+        good, rejected = screen_replies(replies, None, node_of=self._node_of)
         for r in rejected:
             log.warning("round %d: rejected the evaluation of node %s: %s", server_round + self.offset, r.node_id, r.reason)
         per_site = {str(m.metadata.src_node_id): dict(next(iter(m.content.metric_records.values()))) for m in good}
-        self.round_record.eval_sites = per_site
-        if not good:
-            return None
-        merged = aggregate_site_metrics(list(per_site.values()))
-        self.round_record.eval = merged
-        return MetricRecord(merged)
+        return per_site, aggregate_site_metrics(list(per_site.values()))
 
     # -- resumable state -----------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -329,7 +329,12 @@ def test_what_sites_sent_is_only_federated_arrays_and_scalar_metrics(dep):
             if e["type"] == "evaluate":
                 assert e["records"] == {"metrics": "MetricRecord"} and e["bytes"] == 0
                 continue
+            # a training reply may add the received model's evaluation (federation.evaluate_with_train)
+            carried = e["records"].pop("evaluation", None)
             assert e["records"] == {"arrays": "ArrayRecord", "metrics": "MetricRecord"}
+            if carried:
+                assert carried == "MetricRecord" and e["round"] > 1
+                assert all(isinstance(v, float) for v in e["metrics"]["evaluation"].values())
             sent = e["arrays"]["arrays"]
             expected = keys[:-1] if name == BAD and e["round"] == 3 else keys
             assert sent["keys"] == expected and sent["dtypes"] == ["float32"]

@@ -1,5 +1,6 @@
 """Federation through the real ClientApp and ServerApp code, driven in-process."""
 
+import json
 import shlex
 
 import numpy as np
@@ -26,13 +27,14 @@ def server_context(rc, run_id=1):
     return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
 
 
-def train_message(arrays, server_round=1, node=1000):
+def train_message(arrays, server_round=1, node=1000, extra=None):
     from flwr.app import ConfigRecord
 
+    config = ConfigRecord({"server-round": server_round, **(extra or {})})
     return Message(metadata=Metadata(
         run_id=1, message_id="m1", src_node_id=0, dst_node_id=node, reply_to_message_id="",
         group_id="1", created_at=0.0, ttl=600.0, message_type="train",
-    ), content=RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord({"server-round": server_round})}))
+    ), content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}))
 
 
 def test_clientapp_replies_with_exactly_the_federated_arrays_and_scalar_metrics(mini_consortium, tmp_path):
@@ -194,8 +196,6 @@ def test_server_survives_a_site_sending_nan(mini_consortium, tmp_path):
 
     rc = run_config(mini_consortium, tmp_path, "federation.rounds=1")
     server_main(InProcessGrid(rc, run_id=21, tamper=poison), server_context(rc, 21))
-    import json
-
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert [r["node"] for r in record["rejected"]] == [1001]
     assert len(record["train_sites"]) == 2
@@ -208,7 +208,8 @@ def test_operational_settings_do_not_block_a_resume():
 
     base = load_config("tiny")
     same = load_config("tiny", overrides=["federation.rounds=9", "federation.node_wait_s=5", "federation.quorum=1",
-                                          "federation.max_update_ratio=0", "train.threads=1", "data.cache_dir=/x"])
+                                          "federation.max_update_ratio=0", "train.threads=1", "data.cache_dir=/x",
+                                          "federation.evaluate_with_train=false"])
     other = load_config("tiny", overrides=["train.lr=0.1"])
     assert resume_hash(base) == resume_hash(same) != resume_hash(other)
 
@@ -290,3 +291,36 @@ def test_site_local_kinds_are_checked():
         load_config("tiny", overrides=["federation.site_local=[norms]", "federation.init=models/x"])
     with pytest.raises(HlipError, match="unknown kind"):
         site_local_keys(create_model(load_config("tiny", overrides=FAST_RUN).model, seed=0), ["batchnorm"])
+
+
+def test_sites_evaluate_every_global_model_once_in_one_exchange_a_round(mini_consortium, tmp_path):
+    """federation.evaluate_with_train: a site evaluates the global model it receives for training and
+    sends the metrics with its update, so a round is one exchange; the final model has one of its own.
+    Either way every round's record ends up with the sites' evaluation of that round's model, and
+    the training is the same."""
+    from hlip_fed.outputs.report import read_rounds
+    from server.app import main as server_main
+
+    runs = {}
+    for run_id, with_train in ((81, True), (82, False)):
+        _SITES.clear()
+        out = tmp_path / str(with_train)
+        rc = run_config(mini_consortium, out, "federation.rounds=3", f"federation.evaluate_with_train={with_train}")
+        server_main(InProcessGrid(rc, run_id=run_id), server_context(rc, run_id))
+        runs[with_train] = read_rounds(out)
+        exchanges = [[e["type"] for e in r.timing["exchanges"]] for r in runs[with_train]]
+        assert exchanges == ([["train"], ["train"], ["train", "evaluate"]] if with_train else [["train", "evaluate"]] * 3)
+        for r in runs[with_train]:
+            assert sorted(r.eval_sites) == ["1000", "1001", "1002"], r.round
+            assert 0.0 <= r.eval["auc-mean"] <= 1.0
+    lines = [json.loads(line) for line in (tmp_path / "True" / "metrics.jsonl").read_text().splitlines()]
+    # round 3's line carries round 2's evaluation; round 1's model had none yet
+    assert [line.get("previous_eval", {}).get("round") for line in lines] == [None, 1, 2]
+    assert "eval" not in lines[0] and lines[2]["eval"] == runs[True][2].eval
+    assert runs[True][1].eval == lines[2]["previous_eval"]["eval"] and runs[True][2].previous_eval is None
+    for one, other in zip(runs[True], runs[False]):
+        assert one.train["train-loss"] == other.train["train-loss"]
+        assert one.heldout["auc-mean"] == other.heldout["auc-mean"] and one.eval["auc-mean"] == other.eval["auc-mean"]
+    (_, carried), (_, separate) = _final_weights(tmp_path / "True"), _final_weights(tmp_path / "False")
+    for k in separate:
+        np.testing.assert_array_equal(carried[k], separate[k], err_msg=k)

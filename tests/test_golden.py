@@ -2,7 +2,8 @@
 
 Each case runs the real ServerApp and ClientApp code in this process (``InProcessGrid``) on the
 mini consortium and compares with ``tests/golden/<case>.json``: every federated array by its sum,
-its sum of squares and its first values, and every round record with its timings left out. A
+its sum of squares and its first values, and every round record (as ``read_rounds`` gives it) with
+its timings left out. A
 refactor must leave them equal to 1e-6; a change of behaviour re-records them on purpose:
 
     HLIP_FED_GOLDEN=write .venv/bin/python -m pytest tests/test_golden.py
@@ -21,6 +22,7 @@ from flwr.app import Context, RecordDict
 from conftest import FAST_RUN
 from hlip_fed.federation.checkpoint import load_latest
 from hlip_fed.federation.local import _SITES
+from hlip_fed.outputs.report import read_rounds
 from simulations.inprocess import InProcessGrid
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -60,7 +62,8 @@ def run_case(name, consortium, tmp_path, monkeypatch):
     arrays = load_latest(tmp_path / name / "checkpoints").arrays
     summary = {k: [float(np.sum(v, dtype=np.float64)), float(np.sum(np.square(v, dtype=np.float64))),
                    *[float(x) for x in np.ravel(v)[:4]]] for k, v in sorted(arrays.items())}
-    rounds = [stable(json.loads(line)) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    # as every reader sees them: a round's site evaluation with its round, whichever exchange carried it
+    rounds = [stable(r.to_json()) for r in read_rounds(tmp_path / name)]
     return {"arrays": summary, "rounds": rounds}
 
 

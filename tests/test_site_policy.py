@@ -119,13 +119,18 @@ def test_the_clientapp_enforces_the_sites_policy_before_anything_runs(mini_conso
     assert (state / "cache").exists() is False  # nothing was read or cached for a refused run
 
     _SITES.clear()
-    context, state = _context(mini_consortium, tmp_path / "agreed", policy_text=PERMISSIVE + "max_evaluations: 1\n")
+    context, state = _context(mini_consortium, tmp_path / "agreed", policy_text=PERMISSIVE + "max_evaluations: 2\n")
     assert not client_app(train_message(arrays), context).has_error()
     prompts = {"prompt-neg-lesion-left": ["nothing on the left"], "prompt-pos-lesion-left": ["a left focus"]}
     assert not client_app(_evaluate_message(arrays, prompts), context).has_error()
-    second = client_app(_evaluate_message(arrays, prompts), context)
-    assert second.has_error() and "[policy-refused]" in second.error.reason
-    assert "evaluations the site allows" in read_audit(state)[-1]["detail"]
+    # a training message that asks for the received model's evaluation spends one too
+    carried = client_app(train_message(arrays, extra={"evaluation": True, **prompts}), context)
+    assert not carried.has_error() and "auc-mean" in carried.content["evaluation"]
+    for third in (_evaluate_message(arrays, prompts), train_message(arrays, extra={"evaluation": True, **prompts})):
+        refused = client_app(third, context)
+        assert refused.has_error() and "[policy-refused]" in refused.error.reason
+        assert "evaluations the site allows" in read_audit(state)[-1]["detail"]
+    assert not client_app(train_message(arrays), context).has_error()  # training alone goes on
 
     _SITES.clear()
     context, _ = _context(mini_consortium, tmp_path / "secagg", policy_text=PERMISSIVE + "require: secagg\n")

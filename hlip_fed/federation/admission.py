@@ -2,8 +2,9 @@
 
 The ClientApps call :func:`admit` first in every handler. It finds the site's policy
 (:func:`hlip_fed.security.policy.site_policy`), checks the run config once per run and site and
-the message's own config every time, counts the run's evaluations in the site's audit log, keeps
-the Hugging Face hub offline for a site under a policy, and raises
+the message's own config every time, counts the run's evaluations in the site's audit log (the
+evaluation exchanges and the training replies that carried one), keeps the Hugging Face hub
+offline for a site under a policy, and raises
 :class:`~hlip_fed.security.policy.PolicyRefusal` listing what it refuses (the ClientApp answers
 the server with the error code alone).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 
 from hlip_fed.federation.audit import read_audit
-from hlip_fed.federation.run import Site
+from hlip_fed.federation.run import EVALUATION, Site
 from hlip_fed.security.policy import (
     SitePolicy,
     check_message_config,
@@ -39,8 +40,9 @@ def admit(message_type: str, run_id: int, site: Site, node_config: dict, run_con
     refused = list(_RUN_CHECKS[key]) + check_message_config(message_config, policy)
     if policy.require == "secagg" and not secure_aggregation:
         refused.append("the site requires secure aggregation (SecAgg+): only client.secagg may train")
-    if message_type == "evaluate":
-        done = sum(1 for e in read_audit(site.state_dir) if e.get("run") == run_id and e.get("type") == "evaluate")
+    if message_type == "evaluate" or message_config.get(EVALUATION):  # a training message may ask for one too
+        done = sum(1 for e in read_audit(site.state_dir) if e.get("run") == run_id
+                   and (e.get("type") == "evaluate" or EVALUATION in e.get("records", {})))
         if done >= policy.max_evaluations:
             refused.append(f"the run has had the {policy.max_evaluations} evaluations the site allows")
     enforce(refused)

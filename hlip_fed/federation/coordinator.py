@@ -37,10 +37,11 @@ log = logging.getLogger("hlip_fed.federation")
 
 def resume_hash(cfg: Config) -> str:
     """Digest of what defines the training: it must match to resume. Operational settings (how
-    many rounds in all, timeouts, waiting, screening bounds, threads, workers, cache folder) may
-    change between a run and its resumption."""
+    many rounds in all, timeouts, waiting, screening bounds, which exchange carries the sites'
+    evaluation, threads, workers, cache folder) may change between a run and its resumption."""
     fed = dataclasses.replace(
-        cfg.federation, rounds=0, round_timeout_s=0.0, node_wait_s=1.0, quorum=1, max_update_ratio=0.0
+        cfg.federation, rounds=0, round_timeout_s=0.0, node_wait_s=1.0, quorum=1, max_update_ratio=0.0,
+        evaluate_with_train=True,
     )
     train = dataclasses.replace(cfg.train, threads=0, device="cpu", text_cache=False)
     data = dataclasses.replace(cfg.data, num_workers=0, cache_dir=None)

@@ -27,6 +27,9 @@ class RoundRecord:
     # Evaluation: the sites' own test splits (merged and per node), the server's held-out set.
     eval: dict[str, float] | None = None
     eval_sites: dict[str, dict[str, float]] | None = None
+    # With federation.evaluate_with_train, the sites' evaluation of the previous round's model arrives
+    # with this round's training replies: {"round", "eval", "eval_sites"} (read_rounds moves it there).
+    previous_eval: dict | None = None
     heldout: dict[str, float] | None = None
     timing: dict | None = None  # exchanges with the sites and the held-out evaluation
     # Central differential privacy: the round's release and the accountant's ledger so far.

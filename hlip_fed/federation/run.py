@@ -122,6 +122,11 @@ def prompts_to_config(prompts: dict[str, tuple[list[str], list[str]]]) -> dict[s
     return out
 
 
+# The record a training reply adds for the site's evaluation of the global model it received
+# (federation.evaluate_with_train), beside "arrays" and "metrics".
+EVALUATION = "evaluation"
+
+
 def prompts_from_config(config: dict) -> dict[str, tuple[list[str], list[str]]]:
     def texts(value) -> list[str]:
         return [str(v) for v in value] if isinstance(value, list) else [str(value)]

@@ -27,7 +27,9 @@ CURVES = (
 
 
 def read_rounds(run_dir: str | Path) -> list[RoundRecord]:
-    """One record per completed round; a repeated round (after a resume) keeps its last record."""
+    """One record per completed round; a repeated round (after a resume) keeps its last record. The
+    sites' evaluation of a round's model that came with the next round's training replies
+    (``previous_eval``) is given to the round whose model it evaluated."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -36,6 +38,12 @@ def read_rounds(run_dir: str | Path) -> list[RoundRecord]:
         if line.strip():
             rec = RoundRecord.from_json(json.loads(line))
             rounds[int(rec.round)] = rec
+    for rec in rounds.values():
+        carried = rec.previous_eval or {}
+        evaluated = rounds.get(int(carried.get("round", -1)))
+        if evaluated is not None and evaluated.eval is None:
+            evaluated.eval, evaluated.eval_sites = carried.get("eval"), carried.get("eval_sites")
+            rec.previous_eval = None
     return [rounds[k] for k in sorted(rounds)]
 
 
@@ -232,6 +240,11 @@ def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
     step = int(record["round"])
     for tag, value in _scalars(record).items():
         writer.add_scalar(tag, value, step)
+    carried = record.get("previous_eval")
+    if carried:  # the sites' evaluation of an earlier round's model, at that round's step
+        for tag, value in _scalars({"eval": carried.get("eval")}).items():
+            if tag.startswith("eval/"):
+                writer.add_scalar(tag, value, int(carried["round"]))
     writer.flush()
     return True
 
