@@ -129,8 +129,10 @@ class HlipStrategy(Strategy):
         return super().start(num_rounds=num_rounds, evaluate_config=evaluate_config, **kwargs)
 
     def _evaluates_with_train(self, server_round: int) -> bool:
-        """Whether this round's training messages carry the evaluation of the model they send."""
-        return self.fed.evaluate_with_train and server_round > 1
+        """Whether this round's training messages carry the evaluation of the model they send: every
+        model but the initial one (a resumed run's first model included: its evaluation would have
+        come with the round that did not happen)."""
+        return self.fed.evaluate_with_train and (server_round > 1 or self.offset > 0)
 
     @contextmanager
     def _attendance(self, grid: Grid, what: str, server_round: int):

@@ -15,6 +15,7 @@ from hlip_fed.federation.local import _SITES
 from hlip_fed.federation.params import federated_keys, get_arrays
 from hlip_fed.federation.run import config_from_run
 from hlip_fed.model import create_model
+from hlip_fed.outputs.report import read_rounds
 from simulations.inprocess import InProcessGrid, ServerCrash
 
 
@@ -169,6 +170,8 @@ def test_a_server_optimiser_interrupted_and_resumed_equals_an_uninterrupted_run(
     grid = InProcessGrid(rc, run_id=13)
     server_main(grid, server_context(rc, 13))
     assert {r for _, r, _ in grid.sent} == {3}  # only the missing round ran again
+    # round 2's evaluation by the sites, which round 3's training messages were to carry, is not lost
+    assert [r.eval is not None for r in read_rounds(tmp_path / "resumed")] == [True, True, True]
 
     r_full, full = _final_weights(tmp_path / "full")
     r_res, resumed = _final_weights(tmp_path / "resumed")
@@ -298,7 +301,6 @@ def test_sites_evaluate_every_global_model_once_in_one_exchange_a_round(mini_con
     sends the metrics with its update, so a round is one exchange; the final model has one of its own.
     Either way every round's record ends up with the sites' evaluation of that round's model, and
     the training is the same."""
-    from hlip_fed.outputs.report import read_rounds
     from server.app import main as server_main
 
     runs = {}
