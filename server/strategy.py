@@ -122,11 +122,13 @@ class HlipStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def start(self, *, num_rounds: int = 3, evaluate_config: ConfigRecord | None = None, **kwargs):
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None):
         """Flower's round loop; the evaluation config and the round count are kept for one exchange a round."""
         self._evaluate_config = evaluate_config or ConfigRecord()
         self._num_rounds = num_rounds
-        return super().start(num_rounds=num_rounds, evaluate_config=evaluate_config, **kwargs)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
     def _evaluates_with_train(self, server_round: int) -> bool:
         """Whether this round's training messages carry the evaluation of the model they send: every

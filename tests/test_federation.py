@@ -126,6 +126,20 @@ def test_a_bad_reply_is_dropped_and_the_round_goes_on(bad):
     assert [r["node"] for r in s.round_record.rejected] == [3]
 
 
+def test_a_poisoned_evaluation_carried_by_a_training_reply_is_dropped_and_the_update_kept():
+    s = _strategy()
+    a = {"w": np.ones((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    b = {"w": np.full((2, 2), 3.0, np.float32), "b": np.ones(2, np.float32)}
+    replies = [_reply(1, a, 10), _reply(2, b, 10)]
+    replies[0].content["evaluation"] = MetricRecord({"num-examples": 4.0, "auc-mean": 0.75})
+    replies[1].content["evaluation"] = MetricRecord({"num-examples": 4.0, "auc-mean": float("nan")})
+    arrays, _ = s.aggregate_train(2, replies)  # round 2: its messages asked for round 1's evaluation
+    np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # both updates, though one evaluation was bad
+    assert s.round_record.previous_eval == {"round": 1, "eval_sites": {"1": {"num-examples": 4.0, "auc-mean": 0.75}},
+                                            "eval": {"num-examples": 4.0, "auc-mean": 0.75}}
+    assert not s.round_record.rejected
+
+
 def _final_weights(run_dir):
     ckpt = load_latest(run_dir / "checkpoints")
     return ckpt.round, ckpt.arrays
