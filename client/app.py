@@ -8,16 +8,20 @@ of the received model's evaluation), nothing else. The mods (:mod:`client.mods`)
 as it leaves and answer a failure with its error code alone.
 """
 
+import logging
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.mods import injected_faults, server_round, site_audit
+from hlip_fed.data.errors import DataError
 from hlip_fed.federation.admission import admit
 from hlip_fed.federation.local import LocalSite, local_site
 from hlip_fed.federation.run import EVALUATION, config_from_run, prompts_from_config, resolve_site
 from hlip_fed.federation.transport import encode_arrays, to_array_record
 
 app = ClientApp(mods=[site_audit, injected_faults])
+log = logging.getLogger("hlip_fed.site")
 
 
 def admitted_site(kind: str, msg: Message, context: Context) -> LocalSite:
@@ -31,13 +35,24 @@ def admitted_site(kind: str, msg: Message, context: Context) -> LocalSite:
     return local
 
 
+def carried_evaluation(local: LocalSite, received: dict, config: dict) -> dict[str, float] | None:
+    """One exchange a round: the received global model's evaluation, when the training message asks
+    for it and the site has usable test studies (without them the site still sends its update)."""
+    if not config.get(EVALUATION) or not len(local.test_set):
+        return None
+    try:
+        return local.evaluate(received, prompts_from_config(config))
+    except DataError as exc:
+        log.warning("no evaluation sent with the update: %s", exc)
+        return None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     local = admitted_site("train", msg, context)
     config = dict(msg.content["config"])
     received = msg.content["arrays"].to_torch_state_dict()
-    # One exchange a round: the server may ask for the received global model's evaluation as well.
-    evaluation = local.evaluate(received, prompts_from_config(config)) if config.get(EVALUATION) else None
+    evaluation = carried_evaluation(local, received, config)
     proximal_mu = float(config.get("proximal-mu", 0.0))
     arrays, metrics = local.train_round(received, server_round=server_round(msg), proximal_mu=proximal_mu)
     fed = local.cfg.federation  # what leaves the site: the arrays (or the update) in the run's wire dtype

@@ -340,3 +340,22 @@ def test_sites_evaluate_every_global_model_once_in_one_exchange_a_round(mini_con
     (_, carried), (_, separate) = _final_weights(tmp_path / "True"), _final_weights(tmp_path / "False")
     for k in separate:
         np.testing.assert_array_equal(carried[k], separate[k], err_msg=k)
+
+
+def test_a_site_without_test_studies_sends_its_update_and_no_empty_evaluation(tmp_path):
+    """A hospital may keep no test split: asked for the received model's evaluation, it trains and
+    sends no evaluation record (an empty one would only be rejected by the server's screening)."""
+    from client.app import app as client_app
+    from conftest import write_mini_consortium
+
+    _SITES.clear()
+    consortium = write_mini_consortium(tmp_path / "data", test=0)
+    rc = run_config(consortium, tmp_path / "run")
+    model = create_model(config_from_run(rc).model, seed=0)
+    arrays = get_arrays(model, federated_keys(model, config_from_run(rc).federation.groups))
+    context = Context(run_id=91, node_id=1000, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=rc)
+    prompts = {"prompt-neg-lesion-left": ["nothing on the left"], "prompt-pos-lesion-left": ["a left focus"]}
+    reply = client_app(train_message(arrays, server_round=2, extra={"evaluation": True, **prompts}), context)
+    assert not reply.has_error(), reply.error
+    assert list(reply.content.metric_records) == ["metrics"] and "arrays" in reply.content
