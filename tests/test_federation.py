@@ -342,14 +342,17 @@ def test_sites_evaluate_every_global_model_once_in_one_exchange_a_round(mini_con
         np.testing.assert_array_equal(carried[k], separate[k], err_msg=k)
 
 
-def test_a_site_without_test_studies_sends_its_update_and_no_empty_evaluation(tmp_path):
-    """A hospital may keep no test split: asked for the received model's evaluation, it trains and
-    sends no evaluation record (an empty one would only be rejected by the server's screening)."""
+@pytest.mark.parametrize("test_split", ["none", "unreadable"])
+def test_a_site_without_usable_test_studies_sends_its_update_and_no_evaluation(test_split, tmp_path):
+    """A hospital may keep no test split, or one that cannot be read: asked for the received model's
+    evaluation, it trains and sends no evaluation record."""
     from client.app import app as client_app
     from conftest import write_mini_consortium
 
     _SITES.clear()
-    consortium = write_mini_consortium(tmp_path / "data", test=0)
+    consortium = write_mini_consortium(tmp_path / "data", test=0 if test_split == "none" else 2)
+    for scan in (consortium / "sites" / "site0" / "test").rglob("*.nii*"):
+        scan.write_bytes(b"not a NIfTI file")
     rc = run_config(consortium, tmp_path / "run")
     model = create_model(config_from_run(rc).model, seed=0)
     arrays = get_arrays(model, federated_keys(model, config_from_run(rc).federation.groups))
