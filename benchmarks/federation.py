@@ -13,9 +13,10 @@ Three measurements:
    weighted by examples), every site evaluates the new model, the server evaluates it on the
    held-out set and checkpoints it. The direct run makes the ServerApp's exchanges: with
    ``federation.evaluate_with_train`` (the default) a site evaluates the model it receives inside
-   its training task, and the last round's model in a task of its own. Round wall times come from when each round's line appears in
-   ``metrics.jsonl``; round 1 includes start-up (runtime, model, text encoder, datasets, the
-   initial evaluation) and is reported separately. Overhead ratio = Flower round / direct round.
+   its training task, and the last round's model in a task of its own. Round wall times come from
+   when each round's line appears in ``metrics.jsonl``; round 1 includes start-up (runtime, model,
+   text encoder, datasets, the initial evaluation) and is reported separately. Overhead ratio =
+   Flower round / direct round.
 2. **Process per message.** What deployment pays when every message starts a fresh ClientApp
    process: a new interpreter that imports the ClientApp, builds the site (model, text encoder,
    dataset) and trains one round, against the same round on a cached site.
@@ -244,7 +245,8 @@ def _evaluate(rc: dict, index: int, sites: int, arrays: dict, prompts: dict):
     return _site(rc, index, sites).evaluate(arrays, prompts)
 
 
-def fedavg(replies: list[tuple[dict, dict]]) -> dict:
+def fedavg(replies: list[tuple[dict, dict, dict | None]]) -> dict:
+    """The example-weighted mean of the sites' arrays (replies as ``_train`` returns them)."""
     import torch
 
     total = sum(m["num-examples"] for _, m, _ in replies)
@@ -283,7 +285,8 @@ def direct_run(data: Path, run: Path, sites: int, rounds: int, overrides: list[s
             builds.extend(m["build-seconds"] for _, m, _ in replies if m["build-seconds"])
             record = RoundRecord(train_sites={str(i): m for i, (_, m, _) in enumerate(replies)})
             if prompts is not None:
-                record.previous_eval = {"round": r - 1, "eval_sites": {str(i): e for i, (_, _, e) in enumerate(replies)}}
+                carried = {str(i): e for i, (_, _, e) in enumerate(replies)}
+                record.previous_eval = {"round": r - 1, "eval_sites": carried}
             arrays = fedavg(replies)
             t = time.perf_counter()
             if not with_train or r == rounds:

@@ -50,6 +50,32 @@ def test_tensorboard_scalars_read_back(tmp_path):
     assert acc.Scalars("train/train-loss")[-1].value == 1.5
 
 
+def test_an_evaluation_carried_by_the_next_round_is_filed_under_the_round_it_evaluated(tmp_path):
+    """With one exchange a round, round r's line carries the sites' evaluation of round r-1's model:
+    the round table and TensorBoard show it at round r-1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hlip_fed.outputs.report import close_tensorboard, read_rounds, tensorboard_round
+
+    run = fake_run(tmp_path / "run")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r, line in enumerate(lines[1:], start=1):
+        line["previous_eval"] = {"round": r, "eval": {"auc-mean": 0.6 + 0.1 * r, "auc-mean-count": 2.0},
+                                 "eval_sites": {"11": {"auc-mean": 0.6 + 0.1 * r}}}
+    lines[2]["eval"] = {"auc-mean": 0.95}  # the last round's own evaluation exchange
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rounds = read_rounds(run)
+    assert [r.eval["auc-mean"] for r in rounds] == [0.7, 0.8, 0.95]
+    assert rounds[0].eval_sites == {"11": {"auc-mean": 0.7}} and all(r.previous_eval is None for r in rounds)
+    for line in lines:  # as the server writes them, round by round
+        assert tensorboard_round(run, line)
+    close_tensorboard(run)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert sorted((e.step, round(e.value, 2)) for e in acc.Scalars("eval/auc-mean")) == [(1, 0.7), (2, 0.8), (3, 0.95)]
+    assert "eval/auc-mean-count" not in acc.Tags()["scalars"]
+
+
 def test_model_card_records_provenance_intended_use_and_licences(tmp_path):
     from hlip_fed.config import load_config
     from hlip_fed.outputs.model_card import provenance_from_run, write_model_card

@@ -205,13 +205,17 @@ def write_run_report(run_dir: str | Path, fmt: str = "html", out: str | Path | N
 _WRITERS: dict[str, object] = {}
 
 
+def _section_scalars(section: str, metrics: dict | None) -> dict[str, float]:
+    """``section/metric -> value`` of one metrics section's numbers (counts left out)."""
+    return {f"{section}/{key}": float(value) for key, value in (metrics or {}).items()
+            if isinstance(value, (int, float)) and not key.endswith("-count")}
+
+
 def _scalars(record: dict) -> dict[str, float]:
     """``section/metric -> value`` of a round record's numeric metrics (per-site detail left out)."""
     out = {}
     for section in ("train", "heldout", "eval"):
-        for key, value in (record.get(section) or {}).items():
-            if isinstance(value, (int, float)) and not key.endswith("-count"):
-                out[f"{section}/{key}"] = float(value)
+        out.update(_section_scalars(section, record.get(section)))
     out["sites/trained"] = float(len(record.get("train_sites") or {}))
     out["sites/rejected"] = float(len(record.get("rejected") or []))
     return out
@@ -242,9 +246,8 @@ def tensorboard_round(run_dir: str | Path, record: dict) -> bool:
         writer.add_scalar(tag, value, step)
     carried = record.get("previous_eval")
     if carried:  # the sites' evaluation of an earlier round's model, at that round's step
-        for tag, value in _scalars({"eval": carried.get("eval")}).items():
-            if tag.startswith("eval/"):
-                writer.add_scalar(tag, value, int(carried["round"]))
+        for tag, value in _section_scalars("eval", carried.get("eval")).items():
+            writer.add_scalar(tag, value, int(carried["round"]))
     writer.flush()
     return True
 
