@@ -12,10 +12,10 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
 
 * ``baseline``: the settings before this benchmark existed: fp32, eager, the patch embedding
   as a 3D convolution, scan and slice blocks over padded scans too, AdamW with its for-each
-  kernels, no DataLoader worker;
+  kernels, no DataLoader worker, every scan read from its on-site cache file;
 * the levers added one after another: ``+ linear patch embedding`` (the same weights applied as
-  one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``,
-  ``+ bf16 autocast`` (attention kept in fp32);
+  one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
+  kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
 * ``defaults``: the preset as it is configured now, and the defaults plus each lever they leave
   off: a DataLoader worker process prefetching batches, and ``torch.compile`` of the vision tower
   (its compile time reported apart; skipped with ``--quick``).
@@ -57,6 +57,7 @@ class Variant:
     skip_padded: bool = False
     fused: bool = False
     workers: int = 0
+    memory_cache_mb: int = 0
     compile: bool = False
     step_seconds: list[float] = field(default_factory=list)
     data_seconds: list[float] = field(default_factory=list)
@@ -76,10 +77,12 @@ def variants(defaults, quick: bool) -> list[Variant]:
     for name, change in (("+ linear patch embedding", {"conv_patch_embed": False}),
                          ("+ skip padded scans", {"skip_padded": True}),
                          ("+ fused AdamW", {"fused": True}),
+                         ("+ scans kept in memory", {"memory_cache_mb": 1024}),
                          ("+ bf16 autocast", {"precision": "bf16"})):
         steps.append(derive(steps[-1], name=name, **change))
     kept = Variant("defaults", precision=defaults.train.precision, conv_patch_embed=False, skip_padded=True,
-                   fused=defaults.train.fused_optimizer, workers=defaults.data.num_workers)
+                   fused=defaults.train.fused_optimizer, workers=defaults.data.num_workers,
+                   memory_cache_mb=defaults.data.memory_cache_mb)
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []
     if not quick:
         extra.append(derive(kept, name="defaults + torch.compile", compile=True))
@@ -146,6 +149,7 @@ class Site:
 
         cfg.train.precision = variant.precision
         cfg.train.fused_optimizer = variant.fused
+        cfg.data.memory_cache_mb = variant.memory_cache_mb
         self.cfg, self.variant = cfg, variant
         self.local = LocalSite(cfg, SiteSpec(data_dir.name, data_dir, state_dir, None))
         self.model = self.local.model

@@ -142,6 +142,9 @@ class DataConfig:
     # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution).
     augment: Literal["none", "light", "scanner"] = "none"
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
+    # The cached tensors a dataset has read are also kept in memory, up to this many MiB per dataset
+    # (a site's training or test split), so later epochs and rounds read no file (0: off)
+    memory_cache_mb: int = 1024
     num_workers: int = 0
 
 

@@ -211,6 +211,28 @@ def test_cache_second_epoch_reads_from_cache_and_sees_changes(site, tmp_path, mo
     assert len(calls) == 3  # settings that do not change the tensor keep the cache
 
 
+def test_cache_keeps_read_tensors_in_memory_within_its_budget(site, tmp_path, monkeypatch):
+    from hlip_fed.data.cache import TensorCache
+
+    reads = []
+    real = TensorCache._read
+    monkeypatch.setattr(TensorCache, "_read", staticmethod(lambda p: reads.append(p) or real(p)))
+    ds = SiteDataset(site, DataConfig(cache_dir=str(tmp_path / "cache")), IMG, split="val")
+    first = ds[0][0]
+    assert len(reads) == 1 and ds.cache.memory_left == (1024 << 20) - first.numel() * 4
+    assert torch.equal(ds[0][0], first) and len(reads) == 1  # the second epoch reads no file
+    plain = first.clone()
+    first.add_(1.0)  # a study is stacked from its scans: changing it leaves the kept scan alone
+    assert torch.equal(ds[0][0], plain)
+
+    _mr(site / "val/v1/t1c.nii.gz", 99)  # a replaced source misses the memory tier too
+    assert not torch.equal(ds[0][0], plain)
+
+    small = SiteDataset(site, DataConfig(cache_dir=str(tmp_path / "cache"), memory_cache_mb=0), IMG, split="val")
+    small[0], small[0]
+    assert len(reads) == 4 and small.cache.memory_left == 0  # off: every read is a file read
+
+
 def test_cache_covers_dicom_series_and_sidecars(site, tmp_path):
     from hlip_fed.data.cache import TensorCache
 

@@ -12,11 +12,17 @@ float32 tensor, and a site trains over the same scans every round. Entries are k
   ``cache_dir``, ``max_scans``) are left out so that changing them keeps the cache.
 
 Content digests are memoised per source path together with the (size, mtime, ctime, inode) of each
-file, so a warm epoch only ``stat``s the sources instead of re-reading them; any change of those
-values triggers a re-hash. Each entry holds the tensor and a few strings about it (which axis
+file, on disk and for this process in memory, so a warm epoch only ``stat``s the sources instead of
+re-reading them; any change of those values triggers a re-hash. Each entry holds the tensor and a few strings about it (which axis
 runs left-right). Files are written atomically (temporary file + ``os.replace``) with
 safetensors, so concurrent data-loader workers and interrupted runs never leave a torn entry. The
 source folder is never written.
+
+Entries read or written in this process are also kept in memory, up to ``memory_bytes`` per cache
+(first come, kept until the process ends), so a site's later epochs and rounds cost no disk read and
+no decoding of the safetensors file. The memory tier is keyed like the files, source content
+included: a replaced source misses it too. A tensor from the memory tier is shared between calls;
+callers copy before changing it (a study is stacked from its scans).
 """
 
 from __future__ import annotations
@@ -80,21 +86,28 @@ def _stat_signature(files: list[Path]) -> list[list]:
 class TensorCache:
     """Preprocessed tensors under ``cache_dir``, one safetensors file per (source, settings)."""
 
-    def __init__(self, cache_dir: str | os.PathLike, data_cfg, img_size: Sequence[int]):
+    def __init__(self, cache_dir: str | os.PathLike, data_cfg, img_size: Sequence[int], memory_bytes: int = 0):
         self.root = Path(cache_dir)
         self.settings = preprocess_key(data_cfg, img_size)
         self.hits = 0
         self.misses = 0
+        self.memory_left = int(memory_bytes)
+        self._memory: dict[Path, tuple[torch.Tensor, dict[str, str]]] = {}
+        self._digests: dict[Path, tuple[list, str]] = {}
 
     def source_digest(self, source: str | os.PathLike) -> str:
         """Content hash of a scan's files, re-computed only when a file's stat changes."""
         path = Path(source).resolve()
         files = _source_files(path)
         signature = _stat_signature(files)
+        known = self._digests.get(path)
+        if known is not None and known[0] == signature:
+            return known[1]
         memo = self.root / "sources" / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
         try:
             saved = json.loads(memo.read_text())
             if saved.get("stat") == signature:
+                self._digests[path] = (signature, saved["digest"])
                 return saved["digest"]
         except (OSError, ValueError, KeyError, AttributeError):
             pass
@@ -108,6 +121,7 @@ class TensorCache:
         digest = h.hexdigest()
         payload = json.dumps({"path": str(path), "stat": signature, "digest": digest})
         write_atomic(memo, lambda tmp: Path(tmp).write_text(payload))
+        self._digests[path] = (signature, digest)
         return digest
 
     def entry(self, source: str | os.PathLike) -> Path:
@@ -119,14 +133,21 @@ class TensorCache:
         """The cached tensor for ``source`` and its metadata (string pairs, e.g. which axis runs
         left-right), or ``compute()``'s, stored for next time."""
         path = self.entry(source)
-        cached = self._read(path)
+        cached = self._memory.get(path) or self._read(path)
         if cached is not None:
             self.hits += 1
-            return cached
+            return self._remember(path, cached)
         self.misses += 1
         tensor, meta = compute()
-        self._write(path, source, tensor, meta)
-        return tensor, meta
+        return self._remember(path, (self._write(path, source, tensor, meta), meta))
+
+    def _remember(self, path: Path, entry: tuple[torch.Tensor, dict[str, str]]) -> tuple[torch.Tensor, dict[str, str]]:
+        """Keep ``entry`` in memory while the budget lasts."""
+        size = entry[0].numel() * entry[0].element_size()
+        if path not in self._memory and size <= self.memory_left:
+            self._memory[path] = entry
+            self.memory_left -= size
+        return entry
 
     @staticmethod
     def _read(path: Path) -> tuple[torch.Tensor, dict[str, str]] | None:
@@ -142,7 +163,9 @@ class TensorCache:
         meta.pop("settings", None)
         return tensor, meta
 
-    def _write(self, path: Path, source: str | os.PathLike, tensor: torch.Tensor, meta: dict[str, str]) -> None:
+    def _write(self, path: Path, source: str | os.PathLike, tensor: torch.Tensor, meta: dict[str, str]) -> torch.Tensor:
+        """Store ``tensor`` as the entry at ``path``; returns the tensor as stored (float32)."""
         meta = {**meta, "source": str(source), "settings": self.settings}
         data = {"image": tensor.detach().to("cpu", torch.float32).contiguous()}
         write_atomic(path, lambda tmp: save_file(data, tmp, metadata=meta))
+        return data["image"]

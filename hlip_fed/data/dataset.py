@@ -64,7 +64,9 @@ class SiteDataset(Dataset):
                 self._reject(e, f"{self.site / e.get('path', e['study_id'])}: no scans")
             else:
                 self.entries.append(e)
-        self.cache = TensorCache(data_cfg.cache_dir, data_cfg, self.img_size) if data_cfg.cache_dir else None
+        self.cache = None
+        if data_cfg.cache_dir:
+            self.cache = TensorCache(data_cfg.cache_dir, data_cfg, self.img_size, memory_bytes=data_cfg.memory_cache_mb << 20)
 
     def __len__(self) -> int:
         return len(self.entries)

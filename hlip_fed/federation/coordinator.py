@@ -38,13 +38,13 @@ log = logging.getLogger("hlip_fed.federation")
 def resume_hash(cfg: Config) -> str:
     """Digest of what defines the training: it must match to resume. Operational settings (how
     many rounds in all, timeouts, waiting, screening bounds, which exchange carries the sites'
-    evaluation, threads, workers, cache folder) may change between a run and its resumption."""
+    evaluation, threads, workers, cache folder and memory) may change between a run and its resumption."""
     fed = dataclasses.replace(
         cfg.federation, rounds=0, round_timeout_s=0.0, node_wait_s=1.0, quorum=1, max_update_ratio=0.0,
         evaluate_with_train=True,
     )
     train = dataclasses.replace(cfg.train, threads=0, device="cpu", text_cache=False)
-    data = dataclasses.replace(cfg.data, num_workers=0, cache_dir=None)
+    data = dataclasses.replace(cfg.data, num_workers=0, cache_dir=None, memory_cache_mb=0)
     return config_hash(dataclasses.replace(cfg, federation=fed, train=train, data=data))
 
 
