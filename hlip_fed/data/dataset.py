@@ -170,10 +170,11 @@ def collate_studies(batch):
     """
     n_max = max(item[0].shape[0] for item in batch)
     first = batch[0][0]
-    images = first.new_zeros((len(batch), n_max, *first.shape[1:]))
+    images = first.new_empty((len(batch), n_max, *first.shape[1:]))  # written once: scans, then zero padding
     mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
     for i, (scans, _, _) in enumerate(batch):
         images[i, : scans.shape[0]] = scans
+        images[i, scans.shape[0]:] = 0
         mask[i, : scans.shape[0]] = True
     return images, mask, [item[1] for item in batch], [item[2] for item in batch]
 
