@@ -18,7 +18,9 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
   kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
 * ``defaults``: the preset as it is configured now, and the defaults plus each lever they leave
   off: a DataLoader worker process prefetching batches, and ``torch.compile`` of the vision tower
-  (its compile time reported apart; skipped with ``--quick``).
+  (its compile time reported apart; skipped with ``--quick``). These two start processes that
+  outlive their steps (the worker, inductor's compile workers) and slow every other variant of
+  the process, so each runs after the others have been measured, alone, and is shut down after.
 
 Also measured in the same run: the GEMM peak (a 2048 x 2048 ``torch.mm``, fp32 and bf16), the model
 FLOPs of the vision step counted analytically (:func:`benchmarks.attention.forward_macs`; torch's
@@ -34,6 +36,7 @@ copies, loss and projections, optimiser (clipping included), other.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -70,9 +73,9 @@ def derive(v: Variant, **change) -> Variant:
     return replace(v, step_seconds=[], data_seconds=[], losses=[], compile_seconds=None, **change)
 
 
-def variants(defaults, quick: bool) -> list[Variant]:
-    """The baseline, the levers added one after another, the defaults, and the defaults plus each
-    lever they leave off (a worker process, compilation)."""
+def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
+    """The baseline, the levers added one after another and the defaults; and apart, the defaults
+    plus each lever they leave off (a worker process, compilation)."""
     steps = [Variant("baseline")]
     for name, change in (("+ linear patch embedding", {"conv_patch_embed": False}),
                          ("+ skip padded scans", {"skip_padded": True}),
@@ -86,7 +89,7 @@ def variants(defaults, quick: bool) -> list[Variant]:
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []
     if not quick:
         extra.append(derive(kept, name="defaults + torch.compile", compile=True))
-    return steps + [kept] + extra
+    return steps + [kept], extra
 
 
 def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
@@ -158,11 +161,26 @@ class Site:
             self.model.visual = torch.compile(self.model.visual)
         self.optimizer = make_optimizer(self.model, cfg.train)
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        loader = DataLoader(self.local.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-                            collate_fn=collate_studies, num_workers=variant.workers, drop_last=True,
-                            persistent_workers=variant.workers > 0)
-        self.batches = cycle(loader, cfg.train.seed)
+        self.loader = DataLoader(self.local.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
+                                 collate_fn=collate_studies, num_workers=variant.workers, drop_last=True,
+                                 persistent_workers=variant.workers > 0)
+        self.batches = cycle(self.loader, cfg.train.seed)
         self.step = 0
+
+    def settle(self) -> None:
+        """Stop inductor's compile workers once the warm-up has compiled the tower: left running,
+        they take CPU from the steps (a shape not seen yet starts them again)."""
+        if self.variant.compile:
+            from torch._inductor.async_compile import shutdown_compile_workers
+
+            shutdown_compile_workers()
+
+    def close(self) -> None:
+        """Stop what outlives a step: the DataLoader's worker processes, inductor's compile workers."""
+        self.batches.close()
+        self.loader._iterator = None  # the persistent workers' iterator: shut down when collected
+        gc.collect()
+        self.settle()
 
     def timed_batches(self):
         import torch
@@ -332,23 +350,35 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.presets:
             defaults = load_config(files=[preset], overrides=overrides)
             spec = ModelSpec.of(defaults.model.preset, defaults.model.vision)
-            runs = variants(defaults, args.quick)
-            sites = {}
-            for v in runs:
+            runs, extra = variants(defaults, args.quick)
+
+            def build(v: Variant) -> Site:
                 t0 = time.perf_counter()
-                site = sites[v.name] = Site(load_config(files=[preset], overrides=overrides), v, data_dir,
-                                            Path(tmp) / preset / "state")
+                site = Site(load_config(files=[preset], overrides=overrides), v, data_dir, Path(tmp) / preset / "state")
                 site.run(2, record=False)  # warm: tensor and text caches, allocator, compilation
                 if v.compile:
                     v.compile_seconds = time.perf_counter() - t0
+                return site
+
+            sites = {v.name: build(v) for v in runs}
             for block in range(args.blocks):
                 order = runs[block % len(runs):] + runs[: block % len(runs)]
                 for v in order:
                     sites[v.name].run(args.steps)
                 print(f"{preset}: block {block + 1}/{args.blocks}", flush=True)
             base, new = sites["baseline"], sites["defaults"]
+            prof = {"baseline": profile(base, args.steps, spec), "defaults": profile(new, args.steps, spec)}
+            vision_s, scans = vision_step_seconds(new, args.steps)
+            for v in extra:  # alone, after everything else of this preset, and shut down after
+                site = build(v)
+                site.settle()
+                site.run(args.steps, record=False)
+                for block in range(args.blocks):
+                    site.run(args.steps)
+                site.close()
+                print(f"{preset}: {v.name} measured", flush=True)
             rows = []
-            for v in runs:
+            for v in runs + extra:
                 step = statistics.median(v.step_seconds)
                 rows.append({"variant": v.name, "precision": v.precision, "step_ms": 1000 * step,
                              "data_ms": 1000 * statistics.median(v.data_seconds),
@@ -356,8 +386,6 @@ def main(argv: list[str] | None = None) -> int:
                              "loss_first": v.losses[0], "loss_last": v.losses[-1]})
             for r in rows:
                 r["speedup"] = r["studies_per_s"] / rows[0]["studies_per_s"]
-            prof = {"baseline": profile(base, args.steps, spec), "defaults": profile(new, args.steps, spec)}
-            vision_s, scans = vision_step_seconds(new, args.steps)
             flops = step_flops(spec, new.model.visual.levels, scans)
             achieved = flops / vision_s
             precision = new.cfg.train.precision if new.cfg.train.precision in peak else "fp32"
