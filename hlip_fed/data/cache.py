@@ -13,10 +13,10 @@ float32 tensor, and a site trains over the same scans every round. Entries are k
 
 Content digests are memoised per source path together with the (size, mtime, ctime, inode) of each
 file, on disk and for this process in memory, so a warm epoch only ``stat``s the sources instead of
-re-reading them; any change of those values triggers a re-hash. Each entry holds the tensor and a few strings about it (which axis
-runs left-right). Files are written atomically (temporary file + ``os.replace``) with
-safetensors, so concurrent data-loader workers and interrupted runs never leave a torn entry. The
-source folder is never written.
+re-reading them; any change of those values triggers a re-hash. Each entry holds the tensor and a
+few strings about it (which axis runs left-right). Files are written atomically (temporary file +
+``os.replace``) with safetensors, so concurrent data-loader workers and interrupted runs never
+leave a torn entry. The source folder is never written.
 
 Entries read or written in this process are also kept in memory, up to ``memory_bytes`` per cache
 (first come, kept until the process ends), so a site's later epochs and rounds cost no disk read and
