@@ -405,3 +405,18 @@ def config_hash(cfg: Any) -> str:
     """A short stable digest of a config (or section), used to key caches and checkpoints."""
     data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def site_memory_limit(node_config: dict, name: str) -> int | None:
+    """The site's ``memory-cache-mb`` node setting: MiB of preprocessed scans a dataset may keep in
+    memory, overriding ``data.memory_cache_mb`` whatever the run asks (0: none)."""
+    value = node_config.get("memory-cache-mb")
+    if value is None or value == "":
+        return None
+    try:
+        mb = int(str(value).strip())
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ConfigError(f"site {name}: node config memory-cache-mb={value!r} is not a whole number of MiB >= 0")
+    return mb

@@ -226,9 +226,26 @@ def test_operational_settings_do_not_block_a_resume():
     base = load_config("tiny")
     same = load_config("tiny", overrides=["federation.rounds=9", "federation.node_wait_s=5", "federation.quorum=1",
                                           "federation.max_update_ratio=0", "train.threads=1", "data.cache_dir=/x",
-                                          "federation.evaluate_with_train=false"])
+                                          "federation.evaluate_with_train=false", "data.memory_cache_mb=0"])
     other = load_config("tiny", overrides=["train.lr=0.1"])
     assert resume_hash(base) == resume_hash(same) != resume_hash(other)
+
+
+def test_a_site_bounds_the_scans_it_keeps_in_memory_whatever_the_run_asks(mini_consortium, tmp_path):
+    from hlip_fed.errors import HlipError
+    from hlip_fed.federation.local import LocalSite
+    from hlip_fed.federation.run import resolve_site
+
+    rc = run_config(mini_consortium, tmp_path, "data.memory_cache_mb=4096")
+    site = resolve_site(rc, {"partition-id": 0, "num-partitions": 3, "memory-cache-mb": "1"})
+    local = LocalSite(config_from_run(rc), site)
+    assert site.memory_cache_mb == 1 and local.cfg.data.memory_cache_mb == 1
+    assert local.train_set.cache.memory_left == local.test_set.cache.memory_left == 1 << 20
+    local.train_set[0]  # a scan of 16 x 32 x 32 float32 voxels is 64 KiB: within the site's 1 MiB
+    assert 0 < local.train_set.cache.memory_left < 1 << 20
+    assert resolve_site(rc, {"partition-id": 0, "num-partitions": 3}).memory_cache_mb is None
+    with pytest.raises(HlipError, match="site site0: node config memory-cache-mb='lots'"):
+        resolve_site(rc, {"partition-id": 0, "num-partitions": 3, "memory-cache-mb": "lots"})
 
 
 def test_truth_labels_that_do_not_apply_read_as_unknown(tmp_path):

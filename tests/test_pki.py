@@ -267,3 +267,17 @@ def test_server_cert_needs_the_ca_key(tmp_path):
     paths.ca_key.unlink()
     with pytest.raises(HlipError, match="ca.key missing"):
         reissue_server_cert(tmp_path, "a.example.org", force=True)
+
+
+def test_a_site_start_refuses_a_memory_bound_that_is_not_a_number(pki, tmp_path):
+    from hlip_fed.deploy.supernode import SuperNodeConfig
+
+    key = create_site_key("hospital-a", tmp_path / "keys").private
+    (tmp_path / "data").mkdir()
+    cfg = SuperNodeConfig("link.example.org:9092", pki.ca_cert, key, tmp_path / "data", tmp_path / "state",
+                          extra={"memory-cache-mb": "512"})
+    cfg.validate()
+    assert "memory-cache-mb=" in cfg.node_config()
+    cfg.extra["memory-cache-mb"] = "-1"
+    with pytest.raises(HlipError, match="site hospital-a: node config memory-cache-mb='-1'"):
+        cfg.validate()

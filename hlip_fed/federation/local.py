@@ -55,6 +55,8 @@ class LocalSite:
         site.state_dir.mkdir(parents=True, exist_ok=True)
         if cfg.data.cache_dir is None:  # preprocessed tensors live with the site's state, not its data
             cfg.data.cache_dir = str(site.state_dir / "cache")
+        if site.memory_cache_mb is not None:  # the site's bound, not the run's
+            cfg.data.memory_cache_mb = site.memory_cache_mb
         self.model = create_model(cfg.model, seed=cfg.train.seed)
         self.tokenizer = create_tokenizer(cfg.model)
         self.keys = federated_keys(self.model, cfg.federation.groups, cfg.federation.site_local)

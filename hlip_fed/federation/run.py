@@ -24,8 +24,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from hlip_fed.config import Config, load_config
+from hlip_fed.config import Config, load_config, site_memory_limit
 from hlip_fed.errors import HlipError
+
 
 def config_from_run(run_config: dict) -> Config:
     files = [run_config["config"]] if run_config.get("config") else []
@@ -52,6 +53,7 @@ class Site:
     data_dir: Path
     state_dir: Path
     truth_path: Path | None
+    memory_cache_mb: int | None = None  # the site's own bound on scans kept in memory (node config)
 
 
 def resolve_site(run_config: dict, node_config: dict) -> Site:
@@ -61,7 +63,8 @@ def resolve_site(run_config: dict, node_config: dict) -> Site:
         name = str(node_config.get("site-name") or data.name)
         truth = node_config.get("truth-path")
         state = node_config.get("state-path") or run_dir(run_config) / "sites" / name
-        return Site(name, data, Path(str(state)).expanduser().resolve(), Path(str(truth)) if truth else None)
+        return Site(name, data, Path(str(state)).expanduser().resolve(), Path(str(truth)) if truth else None,
+                    site_memory_limit(node_config, name))
     if "partition-id" not in node_config:
         raise HlipError("node config has neither data-path (deployment) nor partition-id (simulation)")
     root = run_config.get("data-root")
@@ -73,7 +76,8 @@ def resolve_site(run_config: dict, node_config: dict) -> Site:
         raise HlipError(f"the simulation runs {n} nodes but {root} has {len(sites)} sites; set num-supernodes={len(sites)}")
     data = sites[pid]
     truth = Path(root) / "truth" / f"{data.name}.jsonl"
-    return Site(data.name, data, run_dir(run_config) / "sites" / data.name, truth if truth.exists() else None)
+    return Site(data.name, data, run_dir(run_config) / "sites" / data.name, truth if truth.exists() else None,
+                site_memory_limit(node_config, data.name))
 
 
 def read_labels(path: Path | None) -> dict[str, dict[str, int]]:
