@@ -133,7 +133,10 @@ class TensorCache:
         """The cached tensor for ``source`` and its metadata (string pairs, e.g. which axis runs
         left-right), or ``compute()``'s, stored for next time."""
         path = self.entry(source)
-        cached = self._memory.get(path) or self._read(path)
+        if path in self._memory:
+            self.hits += 1
+            return self._memory[path]
+        cached = self._read(path)
         if cached is not None:
             self.hits += 1
             return self._remember(path, cached)
@@ -144,7 +147,7 @@ class TensorCache:
     def _remember(self, path: Path, entry: tuple[torch.Tensor, dict[str, str]]) -> tuple[torch.Tensor, dict[str, str]]:
         """Keep ``entry`` in memory while the budget lasts."""
         size = entry[0].numel() * entry[0].element_size()
-        if path not in self._memory and size <= self.memory_left:
+        if size <= self.memory_left:
             self._memory[path] = entry
             self.memory_left -= size
         return entry
