@@ -178,7 +178,7 @@ class Site:
     def close(self) -> None:
         """Stop what outlives a step: the DataLoader's worker processes, inductor's compile workers."""
         self.batches.close()
-        self.loader._iterator = None  # the persistent workers' iterator: shut down when collected
+        del self.batches, self.loader  # the loader owns the persistent workers: collected, they stop
         gc.collect()
         self.settle()
 
