@@ -361,6 +361,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.width {v.width} is not divisible by heads {v.heads}")
     if cfg.data.train_scans is not None and not 1 <= cfg.data.train_scans <= v.max_scans:
         raise ConfigError(f"data.train_scans must be between 1 and model.vision.max_scans ({v.max_scans})")
+    if cfg.data.memory_cache_mb < 0:
+        raise ConfigError("data.memory_cache_mb must be >= 0 MiB (0: no scans kept in memory)")
     if not 0.0 <= v.patch_dropout < 1.0:
         raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
     if v.stem == "conv" and any(p & (p - 1) for p in v.patch_size):

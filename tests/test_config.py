@@ -39,6 +39,7 @@ def test_preset_chosen_by_override():
         ("model.vision.pool=mean", "model.vision.pool.*token, max, avg|model.vision.pool.*'token', 'max', 'avg'"),
         ("federation.dp=server", "federation.dp"),
         ("train.precision=fp8", "train.precision"),
+        ("data.memory_cache_mb=-1", "data.memory_cache_mb"),
     ],
 )
 def test_bad_keys_are_clear_errors(override, needle):
