@@ -19,7 +19,8 @@ block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5
 ``probe_auc_<finding>`` (a 5-fold cross-validated logistic probe of the held-out image embeddings:
 does the image tower encode the finding?) and ``prompt_ceiling_<finding>`` (the prompts scored
 against the held-out reports' embeddings from the same model's text tower: how far can zero-shot
-with these prompts go?). Each is the mean over seeds, with ``_sd`` from two seeds on and ``_ci95``,
+with these prompts go?); the zero-shot AUC and the probe are also given within each modality's
+held-out studies (``zeroshot_auc_ct_<finding>``, ``probe_auc_mr_<finding>``, ...). Each is the mean over seeds, with ``_sd`` from two seeds on and ``_ci95``,
 the first seed's bootstrap 95 % interval over held-out studies (zero-shot and retrieval);
 ``OUT/results.md`` and ``OUT/results.png`` show the same. The pooled model is saved in
 ``OUT/seed-<k>/pooled/model``, each federation's in ``OUT/seed-<k>/<method>/model``. If ``DIR`` does
@@ -69,7 +70,12 @@ FEDERATED = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedbn")
 METHODS = ("pooled", "local", *FEDERATED, "loso")
 # Per-finding families: results.json prefix (+ finding name) -> evaluate()'s metric prefix, heading
 FINDING_FAMILIES = {"zeroshot_auc_": ("auc-", "zero-shot AUC"), "probe_auc_": ("probe-", "image-embedding probe AUC"),
-                    "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)")}
+                    "prompt_ceiling_": ("ceiling-", "prompt ceiling (prompts vs the held-out reports)"),
+                    # the same findings scored within one modality's held-out studies
+                    "zeroshot_auc_ct_": ("auc@CT-", "zero-shot AUC on the CT studies"),
+                    "zeroshot_auc_mr_": ("auc@MR-", "zero-shot AUC on the MR studies"),
+                    "probe_auc_ct_": ("probe@CT-", "image-embedding probe AUC within the CT studies"),
+                    "probe_auc_mr_": ("probe@MR-", "image-embedding probe AUC within the MR studies")}
 
 
 def finding_keys(run: dict) -> dict[str, str]:
@@ -81,6 +87,12 @@ def finding_keys(run: dict) -> dict[str, str]:
             if k.startswith(metric) and k.endswith("-count") and k != f"{metric}mean-count" and count > 0:
                 out[family + k[len(metric):-len("-count")]] = k[: -len("-count")]
     return out
+
+
+def family_of(key: str) -> str | None:
+    """The per-finding family a results.json key belongs to: the longest prefix that matches
+    (``zeroshot_auc_ct_mass`` is of ``zeroshot_auc_ct_``, not ``zeroshot_auc_``)."""
+    return max((f for f in FINDING_FAMILIES if key.startswith(f)), key=len, default=None)
 
 
 class Consortium:
@@ -117,10 +129,20 @@ class Consortium:
                           drop_last=shuffle and len(dataset) > batch, **common)
 
 
+def modalities(dataset: SiteDataset) -> dict[str, str]:
+    """Study id -> the modality of its scans (``CT``, ``MR``; ``mixed`` when a study holds both)."""
+    out = {}
+    for entry in dataset.entries:
+        kinds = {scan.get("modality") or "unknown" for scan in entry["scans"]}
+        out[entry["study_id"]] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return out
+
+
 def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=None) -> dict[str, float]:
-    loader = cons.loader(dataset if dataset is not None else cons.heldout)
-    return evaluate(model, tok, loader, labels if labels is not None else cons.labels, cons.prompts, bootstrap=200,
-                    diagnose=True)
+    """Every figure of ``model`` on the held-out set (or ``dataset``), each finding also per modality."""
+    dataset = dataset if dataset is not None else cons.heldout
+    return evaluate(model, tok, cons.loader(dataset), labels if labels is not None else cons.labels, cons.prompts,
+                    bootstrap=200, diagnose=True, groups=modalities(dataset))
 
 
 @torch.no_grad()
@@ -332,11 +354,11 @@ def markdown(summary: dict, families: tuple[str, ...] = tuple(FINDING_FAMILIES))
     lines = rows(list(KEYS), [HEADINGS[k] for k in KEYS])
     for family in families:
         title = FINDING_FAMILIES[family][1]
-        names = sorted({k[len(family):] for _, b in per for k in b if k.startswith(family)
+        names = sorted({k[len(family):] for _, b in per for k in b if family_of(k) == family
                         and not k.endswith(("_sd", "_ci95")) and k[len(family):] != "mean"})
         if names:
-            lines += ["", f"{title[0].upper()}{title[1:]} per finding" + (" [bootstrap 95 % interval, first seed]"
-                                                                          if family == "zeroshot_auc_" else "") + ":", ""]
+            interval = " [bootstrap 95 % interval, first seed]" if family.startswith("zeroshot_auc_") else ""
+            lines += ["", f"{title[0].upper()}{title[1:]} per finding{interval}:", ""]
             lines += rows([family + n for n in names], names)
     return "\n".join(lines) + "\n"
 

@@ -32,12 +32,19 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
                 assert 0.0 <= block[family + finding] <= 1.0, (family, finding, block)
             lo, hi = block[f"zeroshot_auc_{finding}_ci95"]
             assert 0.0 <= lo <= hi <= 1.0
+            # every toy study is MR: scored within the MR studies, each figure is the whole set's
+            for family in ("zeroshot_auc_", "probe_auc_"):
+                assert block[family.replace("auc_", "auc_mr_") + finding] == block[family + finding]
+            assert block[f"zeroshot_auc_mr_{finding}_ci95"] == [lo, hi]
+            assert not any(k.startswith("zeroshot_auc_ct_") for k in block)
     assert res["local_worst"]["site"] in sites
     assert (out / "results.md").read_text().startswith("| method")
     md = (out / "results.md").read_text()
     worst = res["local_worst"]["site"]
     assert "local_worst" not in md and md.count(f"| local ({worst}, worst) |") == md.count(f"| local (site")  // 3
     assert "Zero-shot AUC per finding" in md and "Image-embedding probe AUC per finding" in md and "Prompt ceiling" in md
+    assert "Zero-shot AUC on the MR studies per finding" in md and "on the CT studies" not in md
+    assert "| method | lesion-left | lesion-right |" in md and "mr_lesion" not in md  # one finding, one column
     # The demo's terminal shows the headline and zero-shot tables only: the same lines, fewer tables.
     short = markdown(summarise(res["per_seed"]), families=("zeroshot_auc_",))
     assert md.startswith(short.rstrip("\n")) and "probe AUC per finding" not in short

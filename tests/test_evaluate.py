@@ -1,10 +1,11 @@
 """Held-out evaluation: per-finding intervals, the image-embedding probe and the prompt ceiling."""
 
 import numpy as np
+import pytest
 import torch
 
 from hlip_fed.model import create_model, create_tokenizer
-from hlip_fed.training.evaluate import evaluate, probe_aucs
+from hlip_fed.training.evaluate import embed_texts, evaluate, probe_aucs
 
 PROMPTS = {"bleed": (["no bleed seen"], ["an obvious bleed"]), "shrink": (["normal volume"], ["marked shrinkage"])}
 
@@ -45,3 +46,28 @@ def test_prompt_ceiling_is_one_when_every_report_is_a_prompt(tiny_cfg):
     for name in PROMPTS:
         lo, hi = m[f"auc-{name}-ci-low"], m[f"auc-{name}-ci-high"]
         assert 0.0 <= lo <= hi <= 1.0
+
+
+def test_findings_are_scored_within_each_group_of_studies(tiny_cfg):
+    """A model right on every CT study and wrong on every MR study is at chance over all of them;
+    scored per modality, it is 1.0 on CT and 0.0 on MR, and a probe fitted within each group finds
+    the finding in both."""
+    model, tok = create_model(tiny_cfg.model, seed=0), create_tokenizer(tiny_cfg.model)
+    neg, pos = embed_texts(model, tok, [PROMPTS["bleed"][0][0], PROMPTS["bleed"][1][0]])
+    n = 40
+    bleed = np.arange(n) % 2
+    ct = np.arange(n) < n // 2
+    looks_positive = np.where(ct, bleed, 1 - bleed).astype(bool)  # what each image embedding shows
+    noise = 0.05 * torch.randn(n, neg.shape[0], generator=torch.Generator().manual_seed(0))
+    img = torch.nn.functional.normalize(torch.where(torch.from_numpy(looks_positive)[:, None], pos, neg) + noise, dim=-1)
+    ids = [f"s{i}" for i in range(n)]
+    labels = {i: {"bleed": int(b), "shrink": int(b)} for i, b in zip(ids, bleed)}
+    groups = {i: "CT" if c else "MR" for i, c in zip(ids, ct)}
+    m = evaluate(model, tok, None, labels, PROMPTS, embedded=(img, ids, ["a report"] * n), diagnose=True,
+                 bootstrap=50, groups=groups)
+    assert abs(m["auc-bleed"] - 0.5) < 0.1
+    assert m["auc@CT-bleed"] == 1.0 and m["auc@MR-bleed"] == 0.0
+    assert m["auc@CT-bleed-count"] == m["auc@MR-bleed-count"] == n // 2
+    assert m["auc@CT-bleed-ci-low"] == pytest.approx(1.0) and m["auc@MR-bleed-ci-high"] == pytest.approx(0.0)
+    assert m["probe@CT-bleed"] > 0.9 and m["probe@MR-bleed"] > 0.9 and m["probe@CT-bleed-count"] == n // 2
+    assert "auc@CT-bleed" not in evaluate(model, tok, None, labels, PROMPTS, embedded=(img, ids, ["a report"] * n))

@@ -176,10 +176,27 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5,
     return out
 
 
-def _split_metrics(image_emb, text_emb, probs, y) -> dict[str, float]:
+def group_zeroshot_metrics(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                           groups: np.ndarray) -> dict[str, float]:
+    """Per group of studies (``groups[i]`` names study i's group, e.g. its modality) and finding,
+    ``auc@<group>-<finding>`` over that group's studies alone, with its ``-count`` (0 when the group
+    lacks a class of the finding)."""
+    out: dict[str, float] = {}
+    for group in sorted(set(groups.tolist())):
+        rows = groups == group
+        m = zeroshot_metrics({f: np.asarray(p)[rows] for f, p in probs.items()},
+                             {f: np.asarray(labels[f])[rows] for f in probs})
+        for f in probs:
+            out[f"auc@{group}-{f}"], out[f"auc@{group}-{f}-count"] = m[f"auc-{f}"], m[f"auc-{f}-count"]
+    return out
+
+
+def _split_metrics(image_emb, text_emb, probs, y, groups=None) -> dict[str, float]:
     metrics = retrieval_metrics(image_emb, text_emb)
     if probs is not None:
         metrics.update(zeroshot_metrics(probs, y))
+        if groups is not None:
+            metrics.update(group_zeroshot_metrics(probs, y, groups))
     return metrics
 
 
@@ -188,7 +205,7 @@ def evaluate(
     labels: dict[str, dict[str, int]] | None, prompts: dict[str, tuple[list[str], list[str]]] | None,
     template: str = DEFAULT_TEMPLATE, device: str = "cpu", bootstrap: int = 0, seed: int = 0,
     embedded: tuple[torch.Tensor, list[str], list[str]] | None = None,
-    text_cache: TextFeatureCache | None = None, diagnose: bool = False,
+    text_cache: TextFeatureCache | None = None, diagnose: bool = False, groups: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """All metrics on one split. ``labels`` maps study id -> {finding: 0/1} (studies without
     labels are left out of zero-shot); ``prompts`` maps finding -> (negatives, positives).
@@ -202,6 +219,10 @@ def evaluate(
     both classes are skipped). With ``diagnose`` (and prompts) the metrics gain ``probe-<finding>``
     (:func:`probe_aucs` of the image embeddings) and ``ceiling-<finding>`` (the zero-shot rule on
     the studies' report embeddings), each with a ``-mean`` over findings.
+
+    ``groups`` maps study id -> a group name (e.g. the study's modality): each finding is then also
+    scored within each group, zero-shot as ``auc@<group>-<finding>`` (with bootstrap intervals) and,
+    with ``diagnose``, by a probe fitted on that group's studies alone, ``probe@<group>-<finding>``.
     """
     image_emb, ids, reports = embedded if embedded is not None else embed_images(model, loader, device)
     text_emb = embed_texts(model, tokenizer, reports, device=device, cache=text_cache)
@@ -210,7 +231,8 @@ def evaluate(
         probs = zeroshot_probabilities(model, tokenizer, image_emb, prompts, template, text_cache)
         known = labels or {}
         y = {f: np.array([known[sid][f] if sid in known else -1 for sid in ids]) for f in prompts}
-    metrics = {"num-examples": float(len(ids)), **_split_metrics(image_emb, text_emb, probs, y)}
+    g = np.array([groups.get(sid, "other") for sid in ids]) if groups and probs is not None else None
+    metrics = {"num-examples": float(len(ids)), **_split_metrics(image_emb, text_emb, probs, y, g)}
     if diagnose and probs is not None:
         ceiling = label_aucs(zeroshot_probabilities(model, tokenizer, text_emb, prompts, template, text_cache), y)
         for prefix, scores in (("probe", probe_aucs(image_emb, y, seed=seed)), ("ceiling", ceiling)):
@@ -220,9 +242,16 @@ def evaluate(
             known = [v for v in scores.values() if math.isfinite(v)]
             metrics[f"{prefix}-mean"], metrics[f"{prefix}-mean-count"] = (
                 (float(np.mean(known)), float(len(known))) if known else (0.0, 0.0))
+        for group in sorted(set(g.tolist())) if g is not None else ():
+            rows = g == group
+            scores = probe_aucs(image_emb[torch.from_numpy(rows)], {f: v[rows] for f, v in y.items()}, seed=seed)
+            for f, v in scores.items():
+                metrics[f"probe@{group}-{f}"], metrics[f"probe@{group}-{f}-count"] = (
+                    (v, float(_scored(y[f][rows]).sum())) if math.isfinite(v) else (0.0, 0.0))
     if bootstrap and len(ids) > 1:
         rng = np.random.default_rng(seed)
-        heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10", *(f"auc-{f}" for f in (prompts or {})))
+        heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10", *(f"auc-{f}" for f in (prompts or {})),
+                 *(k for k in metrics if k.startswith("auc@") and not k.endswith("-count")))
         draws: dict[str, list[float]] = {k: [] for k in heads}
         for _ in range(bootstrap):
             idx = rng.integers(0, len(ids), len(ids))
@@ -231,6 +260,7 @@ def evaluate(
                 image_emb[t], text_emb[t],
                 {f: p[idx] for f, p in probs.items()} if probs is not None else None,
                 {f: v[idx] for f, v in y.items()} if y is not None else None,
+                g[idx] if g is not None else None,
             )
             for k in heads:
                 if k in m and m.get(f"{k}-count", 1) > 0:
