@@ -20,8 +20,9 @@ block per method with ``zeroshot_auc_mean``, ``balanced_acc_mean``, ``r1``, ``r5
 does the image tower encode the finding?) and ``prompt_ceiling_<finding>`` (the prompts scored
 against the held-out reports' embeddings from the same model's text tower: how far can zero-shot
 with these prompts go?); the zero-shot AUC and the probe are also given within each modality's
-held-out studies (``zeroshot_auc_ct_<finding>``, ``probe_auc_mr_<finding>``, ...). Each is the mean over seeds, with ``_sd`` from two seeds on and ``_ci95``,
-the first seed's bootstrap 95 % interval over held-out studies (zero-shot and retrieval);
+held-out studies (``zeroshot_auc_ct_<finding>``, ``probe_auc_mr_<finding>``, ...). Each is the mean
+over seeds, with ``_sd`` from two seeds on and ``_ci95``, the first seed's bootstrap 95 % interval
+over held-out studies (zero-shot and retrieval);
 ``OUT/results.md`` and ``OUT/results.png`` show the same. The pooled model is saved in
 ``OUT/seed-<k>/pooled/model``, each federation's in ``OUT/seed-<k>/<method>/model``. If ``DIR`` does
 not exist it is generated (``--preset``).

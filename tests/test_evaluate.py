@@ -59,7 +59,8 @@ def test_findings_are_scored_within_each_group_of_studies(tiny_cfg):
     ct = np.arange(n) < n // 2
     looks_positive = np.where(ct, bleed, 1 - bleed).astype(bool)  # what each image embedding shows
     noise = 0.05 * torch.randn(n, neg.shape[0], generator=torch.Generator().manual_seed(0))
-    img = torch.nn.functional.normalize(torch.where(torch.from_numpy(looks_positive)[:, None], pos, neg) + noise, dim=-1)
+    shown = torch.where(torch.from_numpy(looks_positive)[:, None], pos, neg)
+    img = torch.nn.functional.normalize(shown + noise, dim=-1)
     ids = [f"s{i}" for i in range(n)]
     labels = {i: {"bleed": int(b), "shrink": int(b)} for i, b in zip(ids, bleed)}
     groups = {i: "CT" if c else "MR" for i, c in zip(ids, ct)}
