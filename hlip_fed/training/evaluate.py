@@ -128,6 +128,12 @@ def _scored(y: np.ndarray) -> np.ndarray:
     return np.asarray(y).astype(int) >= 0
 
 
+def _counted(score: float, y: np.ndarray) -> tuple[float, float]:
+    """A score and how many studies with a known label it covers; an uncomputable (NaN) score is 0
+    with a count of 0, as zero-shot reports it."""
+    return (score, float(_scored(y).sum())) if math.isfinite(score) else (0.0, 0.0)
+
+
 def probe_aucs(embeddings: torch.Tensor, labels: dict[str, np.ndarray], folds: int = 5, seed: int = 0) -> dict[str, float]:
     """Per finding, the AUC of a ``folds``-fold cross-validated logistic regression on frozen
     ``embeddings`` [N, E] (studies labelled -1 left out); NaN when a class has fewer than ``folds``
@@ -236,9 +242,8 @@ def evaluate(
     if diagnose and probs is not None:
         ceiling = label_aucs(zeroshot_probabilities(model, tokenizer, text_emb, prompts, template, text_cache), y)
         for prefix, scores in (("probe", probe_aucs(image_emb, y, seed=seed)), ("ceiling", ceiling)):
-            for f, v in scores.items():  # uncomputable: 0 with a count of 0, as zero-shot does
-                metrics[f"{prefix}-{f}"], metrics[f"{prefix}-{f}-count"] = (
-                    (v, float(_scored(y[f]).sum())) if math.isfinite(v) else (0.0, 0.0))
+            for f, v in scores.items():
+                metrics[f"{prefix}-{f}"], metrics[f"{prefix}-{f}-count"] = _counted(v, y[f])
             known = [v for v in scores.values() if math.isfinite(v)]
             metrics[f"{prefix}-mean"], metrics[f"{prefix}-mean-count"] = (
                 (float(np.mean(known)), float(len(known))) if known else (0.0, 0.0))
@@ -246,8 +251,7 @@ def evaluate(
             rows = g == group
             scores = probe_aucs(image_emb[torch.from_numpy(rows)], {f: v[rows] for f, v in y.items()}, seed=seed)
             for f, v in scores.items():
-                metrics[f"probe@{group}-{f}"], metrics[f"probe@{group}-{f}-count"] = (
-                    (v, float(_scored(y[f][rows]).sum())) if math.isfinite(v) else (0.0, 0.0))
+                metrics[f"probe@{group}-{f}"], metrics[f"probe@{group}-{f}-count"] = _counted(v, y[f][rows])
     if bootstrap and len(ids) > 1:
         rng = np.random.default_rng(seed)
         heads = ("auc-mean", "bacc-mean", "r1", "r5", "r10", *(f"auc-{f}" for f in (prompts or {})),
