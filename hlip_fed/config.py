@@ -96,6 +96,7 @@ class LossConfig:
     init_logit_scale: float | None = None  # default: ln(1/0.07) for CLIP, ln(10) for SigLIP
     init_logit_bias: float = -10.0  # SigLIP only
     max_logit_scale: float = 4.605170185988092  # ln(100), CLIP's clamp
+    target_temperature: float = 0.0  # CLIP only: > 0 targets the reports' own similarities (loss.py)
 
 
 @dataclass
@@ -367,6 +368,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.vision.patch_dropout must be in [0, 1)")
     if v.stem == "conv" and any(p & (p - 1) for p in v.patch_size):
         raise ConfigError(f"model.vision.stem=conv needs power-of-two patch sizes, not {list(v.patch_size)}")
+    if cfg.model.loss.target_temperature < 0 or (cfg.model.loss.target_temperature and cfg.model.loss.name != "clip"):
+        raise ConfigError("model.loss.target_temperature must be >= 0, and is for model.loss.name=clip only")
     fed = cfg.federation
     if fed.max_update_ratio < 0 or (0 < fed.max_update_ratio <= 1):
         raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")

@@ -40,11 +40,18 @@ def test_preset_chosen_by_override():
         ("federation.dp=server", "federation.dp"),
         ("train.precision=fp8", "train.precision"),
         ("data.memory_cache_mb=-1", "data.memory_cache_mb"),
+        ("model.loss.target_temperature=-0.1", "target_temperature"),
     ],
 )
 def test_bad_keys_are_clear_errors(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
         load_config(overrides=[override])
+
+
+def test_report_similarity_targets_are_for_clip_only():
+    assert load_config(overrides=["model.loss.target_temperature=0.05"]).model.loss.target_temperature == 0.05
+    with pytest.raises(ConfigError, match="clip only"):
+        load_config(overrides=["model.loss.name=siglip", "model.loss.target_temperature=0.05"])
 
 
 def test_missing_file_is_clear_error(tmp_path):

@@ -248,6 +248,29 @@ def test_clip_and_siglip_losses_match_a_hand_computation():
     assert siglip_loss(img, txt, scale, bias).item() == pytest.approx(total / 3, rel=1e-6)
 
 
+def test_clip_with_report_similarity_targets_matches_a_hand_computation():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    txt = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)  # reports 0 and 1 say the same
+    scale = torch.tensor(math.log(10.0))
+    sim = [[sum(a * b for a, b in zip(i, t)) * 10.0 for t in txt.tolist()] for i in img.tolist()]
+    cols = [list(c) for c in zip(*sim)]
+    tau = 0.1
+    report_sim = [[sum(a * b for a, b in zip(u, v)) / tau for v in txt.tolist()] for u in txt.tolist()]
+    targets = [[math.exp(v) / sum(math.exp(w) for w in row) for v in row] for row in report_sim]
+
+    def soft_ce(rows):
+        return sum(-sum(p * (v - math.log(sum(math.exp(w) for w in r))) for p, v in zip(t, r))
+                   for t, r in zip(targets, rows)) / len(rows)
+
+    loss = clip_loss(img, txt, scale, target_temperature=tau)
+    assert loss.item() == pytest.approx(0.5 * (soft_ce(sim) + soft_ce(cols)), rel=1e-6)
+    assert targets[0][1] == pytest.approx(0.5, abs=1e-4)  # identical reports share the target
+    distinct = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    # a cold target over distinct reports is CLIP's one-to-one target
+    assert clip_loss(img, distinct, scale, target_temperature=1e-4).item() == pytest.approx(
+        clip_loss(img, distinct, scale).item(), rel=1e-5)
+
+
 def test_logit_scale_is_clamped_and_siglip_initialised(tiny_cfg):
     model = create_model(tiny_cfg.model)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))

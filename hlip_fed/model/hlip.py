@@ -59,7 +59,7 @@ class HLIP(nn.Module):
     def loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         if self.logit_bias is not None:
             return siglip_loss(image, text, self.logit_scale, self.logit_bias)
-        return clip_loss(image, text, self.logit_scale)
+        return clip_loss(image, text, self.logit_scale, self.cfg.loss.target_temperature)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
