@@ -23,40 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, table, write_json
+from benchmarks.conv_tower import ConvReference
 from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, supervised_steps
-
-
-class ConvReference(nn.Module):
-    """Per-scan 3D CNN; ``forward(images [B, N, 1, D, H, W], scan_mask [B, N]) -> [B, 2 * width]``."""
-
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64), flip: bool = True):
-        super().__init__()
-        strides = [(1, 2, 2), 2, 2, 1]
-        chans = (1, *widths)
-        self.convs = nn.ModuleList(nn.Conv3d(chans[i], chans[i + 1], 3, stride=strides[i], padding=1)
-                                   for i in range(len(widths)))
-        self.norms = nn.ModuleList(nn.GroupNorm(8, c) for c in widths)
-        self.flip = flip
-        self.width = 2 * widths[-1]
-
-    def forward(self, images: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
-        b, n = scan_mask.shape
-        x = images[scan_mask]  # real scans only [S, 1, D, H, W]
-        if self.training and self.flip:
-            flip = torch.rand(b) < 0.5  # one draw per study, so a study's scans stay aligned
-            x = torch.where(flip.repeat_interleave(scan_mask.sum(1))[:, None, None, None, None], x.flip(-1), x)
-        for conv, norm in zip(self.convs, self.norms):
-            x = F.gelu(norm(conv(x)))
-        per_scan = torch.cat([x.amax((2, 3, 4)), x.mean((2, 3, 4))], 1)
-        out = per_scan.new_full((b, n, self.width), float("-inf"))
-        out[scan_mask] = per_scan
-        return out.amax(1)
 
 
 def main(argv: list[str] | None = None) -> int:

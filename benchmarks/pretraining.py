@@ -24,6 +24,10 @@ is missing must be learnt by the image tower.
 linear head trained with binary cross-entropy on the training studies' ground truth (which the
 contrastive path never reads), scored by its own held-out AUC per finding. If even that stays near
 0.5, the data, not the contrastive objective, is what limits the model.
+
+``--tower cnn`` replaces the HLIP vision tower with the 3D CNN of :mod:`benchmarks.cnn_reference`
+and a linear layer into the joint space, trained by the same objective: with both towers and both
+objectives on the same studies, the tower and the objective can be told apart.
 """
 
 from __future__ import annotations
@@ -152,10 +156,26 @@ def head_aucs(visual, head, cons, findings, dataset=None, labels=None) -> dict[s
     return out
 
 
+def per_modality(metrics: dict[str, float], findings: list[str]) -> dict[str, float]:
+    """``zs@<modality>_<finding>`` and ``probe@<modality>_<finding>`` from :func:`evaluate`'s per-group
+    figures (NaN where the modality lacks a class of the finding)."""
+    out = {}
+    for key, value in metrics.items():
+        kind, _, rest = key.partition("@")
+        for f in findings:
+            if kind in ("auc", "probe") and rest.endswith(f"-{f}"):
+                group = rest[: -len(f) - 1]
+                out[f"{'zs' if kind == 'auc' else 'probe'}@{group}_{f}"] = value if metrics[f"{key}-count"] else float("nan")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, steps=800, every=100)
     parser.add_argument("--objective", choices=("clip", "supervised"), default="clip")
+    parser.add_argument("--tower", choices=("hlip", "cnn"), default="hlip",
+                        help="image tower: the config's HLIP, or the CNN reference with a linear layer into the "
+                             "joint space")
     args = parser.parse_args(argv)
 
     import torch
@@ -165,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from hlip_fed.model.text_cache import TextFeatureCache
     from hlip_fed.training.evaluate import evaluate
     from hlip_fed.training.train import cycle, make_optimizer, train_steps
+    from simulations.compare import modalities
 
     opened = open_consortium(args.data, args.config, args.overrides)
     if opened is None:
@@ -172,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, cons = opened
     torch.manual_seed(args.seed)
     model, tok = create_model(cfg.model, seed=args.seed), create_tokenizer(cfg.model)
+    if args.tower == "cnn":
+        from benchmarks.conv_tower import ConvTower
+
+        model.visual = ConvTower(cfg.model.embed_dim)
     opt = make_optimizer(model, cfg.train)
     text_cache = TextFeatureCache.for_training(model, tok, cfg.train)  # a locked tower: each report once
     batches = cycle(cons.loader(ConcatDataset(list(cons.train.values())), shuffle=True, seed=args.seed), args.seed)
@@ -193,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)
         done += n
         loader = cons.loader(cons.heldout)
-        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, diagnose=True)
+        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, diagnose=True,
+                           groups=modalities(cons.heldout))
         probe = {f: metrics[f"probe-{f}"] if metrics[f"probe-{f}-count"] else float("nan") for f in findings}
         if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
             metrics.update(head_aucs(model.visual, head, cons, findings))
@@ -203,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in findings:
             row[f"zs_{f}"] = metrics.get(f"auc-{f}")
             row[f"probe_{f}"] = probe[f]
+        row.update(per_modality(metrics, findings))
         rows.append(row)
         print(f"step {done}: loss {loss:.3f}, zero-shot {metrics['auc-mean']:.3f}, "
               f"probe {' '.join(f'{probe[f]:.2f}' for f in findings)}", file=sys.stderr, flush=True)
@@ -212,15 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     columns += [(f"zs_{f}", f"{scored} {f}", ".3f") for f in findings] + [("zs_mean", f"{scored} mean", ".3f")]
     columns += [("r5", "R@5", ".3f"), ("r10", "R@10", ".3f")]
     columns += [(f"probe_{f}", f"probe {f}", ".3f") for f in findings]
-    print(f"Pooled {args.objective} training on {args.data} ({n_train} training studies, {len(cons.heldout)} held-out; "
-          f"batch {cfg.train.batch_size}; overrides: {args.overrides or 'none'})\n")
+    print(f"Pooled {args.objective} training of the {args.tower} tower on {args.data} ({n_train} training studies, "
+          f"{len(cons.heldout)} held-out; batch {cfg.train.batch_size}; overrides: {args.overrides or 'none'})\n")
     print(table(rows, columns))
     print("\nText side (locked encoder, before any training; held-out AUC per finding):\n")
     print(table([{"what": k, **v} for k, v in text.items()],
                 [("what", "measure", "")] + [(f, f, ".3f") for f in findings]))
+    groups = sorted({k.split("@")[1].rsplit("_", 1)[0] for k in rows[-1] if k.startswith("zs@")})
+    if args.objective == "clip" and len(groups) > 1:  # the held-out set holds several modalities
+        print(f"\nHeld-out AUC within each modality after {done} steps (zero-shot / probe):\n")
+        print(table([{"group": g, **{f: f"{rows[-1][f'zs@{g}_{f}']:.3f} / {rows[-1][f'probe@{g}_{f}']:.3f}"
+                                     for f in findings}} for g in groups],
+                    [("group", "modality", "")] + [(f, f, "") for f in findings]))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "config": args.config,
-                           "overrides": args.overrides, "objective": args.objective, "training_studies": n_train,
-                           "heldout_studies": len(cons.heldout), "text_side": text, "curve": rows})
+                           "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
+                           "tower_params": sum(p.numel() for p in model.visual.parameters()),
+                           "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,
+                           "curve": rows})
     return 0
 
 

@@ -109,12 +109,20 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     for row in data["curve"]:
         assert math.isfinite(row["loss"]) and 0.0 <= row["r5"] <= 1.0
         assert any(k.startswith("probe_") for k in row) and any(k.startswith("zs_") and k != "zs_mean" for k in row)
+        assert any(k.startswith("zs@") for k in row) and any(k.startswith("probe@") for k in row)  # per modality
     assert "| step | epochs | train loss |" in proc.stdout
     assert set(data["text_side"]) == {"report_probe", "prompt_vs_report"}
     sup = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1",
               "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
     assert sup.returncode == 0, (sup.stdout + sup.stderr)[-3000:]
     assert "supervised head" in sup.stdout
+    cnn_out = tmp_path / "pretraining-cnn.json"
+    cnn = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1", "--tower", "cnn",
+              "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), "--json", str(cnn_out), timeout=600)
+    assert cnn.returncode == 0, (cnn.stdout + cnn.stderr)[-3000:]
+    cnn_data = json.loads(cnn_out.read_text())
+    assert cnn_data["tower"] == "cnn" and cnn_data["tower_params"] != data["tower_params"]
+    assert math.isfinite(cnn_data["curve"][0]["loss"])
 
 
 def test_cnn_reference_writes_train_and_heldout_aucs(mini_consortium, tmp_path):
