@@ -164,8 +164,8 @@ def per_modality(metrics: dict[str, float], findings: list[str]) -> dict[str, fl
         kind, _, rest = key.partition("@")
         for f in findings:
             if kind in ("auc", "probe") and rest.endswith(f"-{f}"):
-                group = rest[: -len(f) - 1]
-                out[f"{'zs' if kind == 'auc' else 'probe'}@{group}_{f}"] = value if metrics[f"{key}-count"] else float("nan")
+                name = f"{'zs' if kind == 'auc' else 'probe'}@{rest[: -len(f) - 1]}_{f}"
+                out[name] = value if metrics[f"{key}-count"] else float("nan")
     return out
 
 
