@@ -25,7 +25,7 @@ linear head trained with binary cross-entropy on the training studies' ground tr
 contrastive path never reads), scored by its own held-out AUC per finding. If even that stays near
 0.5, the data, not the contrastive objective, is what limits the model.
 
-``--tower cnn`` replaces the HLIP vision tower with the 3D CNN of :mod:`benchmarks.cnn_reference`
+``--tower cnn`` replaces the HLIP vision tower with the 3D CNN reference (:mod:`benchmarks.conv_tower`)
 and a linear layer into the joint space, trained by the same objective: with both towers and both
 objectives on the same studies, the tower and the objective can be told apart.
 """
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = cons.training_labels()
         head = torch.nn.Linear(cfg.model.embed_dim, len(findings))
         opt.add_param_group({"params": head.parameters(), "weight_decay": 0.0})
+    heldout_modality = modalities(cons.heldout)
     rows, done, start = [], 0, time.monotonic()
     while done < args.steps:
         n = min(args.every, args.steps - done)
@@ -218,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = supervised_steps(model.visual, head, batches, opt, labels, findings, n, cfg.train, done, args.steps)
         done += n
         loader = cons.loader(cons.heldout)
-        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, diagnose=True,
-                           groups=modalities(cons.heldout))
+        metrics = evaluate(model, tok, loader, cons.labels, cons.prompts, diagnose=True, groups=heldout_modality)
         probe = {f: metrics[f"probe-{f}"] if metrics[f"probe-{f}-count"] else float("nan") for f in findings}
         if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
             metrics.update(head_aucs(model.visual, head, cons, findings))
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nText side (locked encoder, before any training; held-out AUC per finding):\n")
     print(table([{"what": k, **v} for k, v in text.items()],
                 [("what", "measure", "")] + [(f, f, ".3f") for f in findings]))
-    groups = sorted({k.split("@")[1].rsplit("_", 1)[0] for k in rows[-1] if k.startswith("zs@")})
+    groups = sorted(set(heldout_modality.values()))
     if args.objective == "clip" and len(groups) > 1:  # the held-out set holds several modalities
         print(f"\nHeld-out AUC within each modality after {done} steps (zero-shot / probe):\n")
         print(table([{"group": g, **{f: f"{rows[-1][f'zs@{g}_{f}']:.3f} / {rows[-1][f'probe@{g}_{f}']:.3f}"
