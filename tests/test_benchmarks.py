@@ -153,12 +153,36 @@ def test_text_cache_benchmark_times_training_and_evaluation(mini_consortium, tmp
     assert "evaluation (test split" in proc.stdout
 
 
-def test_inputs_benchmark_sees_bone_only_when_it_is_kept(tmp_path):
+@pytest.fixture(scope="module")
+def five_sites(tmp_path_factory):
+    """A small phantom consortium of five sites: the two CT archetypes (stroke centre, trauma
+    centre) among them, and CT and MR studies in its held-out set."""
     from hlip_fed.cli import main
 
-    data = tmp_path / "c"  # five sites: the two CT archetypes (stroke centre, trauma centre) among them
+    data = tmp_path_factory.mktemp("synth") / "c"
     assert main(["synth", "--out", str(data), "--sites", "5", "--studies", "2", "--heldout", "8", "--seed", "3",
                  "--workers", "1", "--no-preview"]) == 0
+    return data
+
+
+def test_cnn_reference_on_some_sites_scores_the_heldout_studies_of_their_modality(five_sites, tmp_path):
+    from hlip_fed.synth.truth import load_records
+
+    ct = [s for s in (p.stem for p in sorted((five_sites / "truth").glob("*.jsonl"))) if s != "heldout"
+          and {r["modality"] for r in load_records(five_sites, s)} == {"CT"}]
+    heldout_ct = [r for r in load_records(five_sites, "heldout") if r["modality"] == "CT"]
+    assert len(ct) == 2 and 0 < len(heldout_ct) < len(load_records(five_sites, "heldout"))
+    out = tmp_path / "cnn.json"
+    proc = run("cnn_reference.py", str(five_sites), "--config", "", "--steps", "1", "--every", "1", "--sites", ",".join(ct),
+               "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    assert data["sites"] == ct and data["heldout_studies"] == len(heldout_ct)
+    assert data["training_studies"] == sum(len(load_records(five_sites, s, "train")) for s in ct)
+
+
+def test_inputs_benchmark_sees_bone_only_when_it_is_kept(five_sites, tmp_path):
+    data = five_sites
     figures = {}
     for name, overrides in (("masked", ""), ("kept", "data.ct_bone_hu=null")):
         out = tmp_path / f"{name}.json"
