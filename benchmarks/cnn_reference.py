@@ -35,32 +35,21 @@ from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, sup
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, steps=1500, every=300, overrides="train.batch_size=8 train.lr=1e-3 train.warmup_steps=10")
-    parser.add_argument("--sites", default="", help="comma-separated sites to train on (default: all)")
     args = parser.parse_args(argv)
 
     from torch.utils.data import ConcatDataset
 
-    from hlip_fed.synth.truth import load_records
     from hlip_fed.training.train import cycle
 
-    opened = open_consortium(args.data, args.config, args.overrides)
+    opened = open_consortium(args)
     if opened is None:
         return 2
     cfg, cons = opened
-    chosen = [s for s in args.sites.split(",") if s] or list(cons.train)
-    unknown = sorted(set(chosen) - set(cons.train))
-    if unknown:
-        print(f"error: no site {', '.join(unknown)} in {args.data} (sites: {', '.join(cons.train)})", file=sys.stderr)
-        return 2
+    chosen = list(cons.train)
     for name in chosen:
         cons.train[name].train_scans = None  # every scan of a study, as evaluation reads it
     train = ConcatDataset([cons.train[name] for name in chosen])
     labels = cons.training_labels(chosen)
-    if args.sites:  # score on the held-out studies of the modalities trained on
-        modality = {r["study_id"]: r["modality"] for r in load_records(args.data, "heldout")}
-        trained = {r["modality"] for name in chosen for r in load_records(args.data, name)}
-        keep = [i for i, e in enumerate(cons.heldout.entries) if modality.get(e["study_id"]) in trained]
-        cons.heldout = torch.utils.data.Subset(cons.heldout, keep)
     findings = list(cons.prompts)
     torch.manual_seed(args.seed)
     net = ConvReference()

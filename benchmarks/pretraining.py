@@ -1,6 +1,6 @@
 """What pooled contrastive pre-training learns on a consortium, measured along the way.
 
-    python -m benchmarks.pretraining DATA [--steps 800] [--every 100] [--overrides "..."] [--json OUT]
+    python -m benchmarks.pretraining DATA [--steps 800] [--every 100] [--sites a,b] [--overrides "..."] [--json OUT]
 
 Trains one model on every site's training studies together (the ``pooled`` reference of
 ``simulations.compare``) and, every ``--every`` steps, reports on the held-out set:
@@ -52,17 +52,20 @@ def add_run_args(parser: argparse.ArgumentParser, steps: int, every: int, overri
     parser.add_argument("--every", type=int, default=every)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the curve as JSON here")
+    parser.add_argument("--sites", default="",
+                        help="comma-separated sites to train on, scored on the held-out studies of their modalities "
+                             "(default: every site, every held-out study)")
 
 
-def open_consortium(data: Path, config: str, overrides: str):
+def open_consortium(args: argparse.Namespace):
     """``(cfg, Consortium)`` for a benchmark's arguments, or ``None`` after a one-line error."""
     from hlip_fed.config import load_config
     from hlip_fed.errors import HlipError
     from simulations.compare import Consortium
 
     try:
-        cfg = load_config(files=[config] if config else [], overrides=shlex.split(overrides))
-        return cfg, Consortium(data, cfg)
+        cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
+        return cfg, Consortium(args.data, cfg, sites=[s for s in args.sites.split(",") if s])
     except HlipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from hlip_fed.training.train import cycle, make_optimizer, train_steps
     from simulations.compare import modalities
 
-    opened = open_consortium(args.data, args.config, args.overrides)
+    opened = open_consortium(args)
     if opened is None:
         return 2
     cfg, cons = opened
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([{"group": g, **{f: f"{rows[-1][f'zs@{g}_{f}']:.3f} / {rows[-1][f'probe@{g}_{f}']:.3f}"
                                      for f in findings}} for g in groups],
                     [("group", "modality", "")] + [(f, f, "") for f in findings]))
-    write_json(args.json, {"machine": machine(), "data": str(args.data), "config": args.config,
+    write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train), "config": args.config,
                            "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
                            "tower_params": sum(p.numel() for p in model.visual.parameters()),
                            "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,

@@ -1,6 +1,7 @@
 """Does federation work? Pooled vs local-only vs FedAvg vs FedProx (and leave-one-site-out).
 
     python -m simulations.compare --data DIR --out OUT [--preset benchmark] [--config learning] [--seeds 3] [--overrides "..."] [--init MODEL_DIR]
+        [--sites a,b]
 
 All methods get the same compute: batch size ``train.batch_size`` and a budget of
 ``T = federation.rounds * federation.local_steps * n_sites`` optimizer steps in total.
@@ -25,7 +26,9 @@ over seeds, with ``_sd`` from two seeds on and ``_ci95``, the first seed's boots
 over held-out studies (zero-shot and retrieval);
 ``OUT/results.md`` and ``OUT/results.png`` show the same. The pooled model is saved in
 ``OUT/seed-<k>/pooled/model``, each federation's in ``OUT/seed-<k>/<method>/model``. If ``DIR`` does
-not exist it is generated (``--preset``).
+not exist it is generated (``--preset``). ``--sites`` keeps some of the sites (every method, and the
+budget, counts those alone) and scores on the held-out studies of their modalities, e.g. the two CT
+sites on the held-out CT studies.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
+from hlip_fed.errors import HlipError
 from hlip_fed.federation.local import _SITES, latest_site_local
 from hlip_fed.federation.params import federated_keys, set_arrays, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
@@ -99,16 +103,36 @@ def family_of(key: str) -> str | None:
 class Consortium:
     """The consortium's datasets, built once and shared by every method and seed."""
 
-    def __init__(self, root: Path, cfg: Config):
+    def __init__(self, root: Path, cfg: Config, sites: list[str] | None = None):
+        """``sites`` names the sites to keep (every site when ``None`` or empty); with a choice, the
+        held-out set keeps the studies of the modalities those sites train on (e.g. the CT sites,
+        scored on the held-out CT studies). An unknown site is a :class:`HlipError`."""
         self.root, self.cfg = root, cfg
         self.sites = consortium_sites(root)
+        if sites:
+            unknown = sorted(set(sites) - {s.name for s in self.sites})
+            if unknown:
+                raise HlipError(f"{root}: no site {', '.join(unknown)} (sites: {', '.join(s.name for s in self.sites)})")
+            self.sites = [s for s in self.sites if s.name in sites]
         img = cfg.model.vision.img_size
         self.train = {s.name: SiteDataset(s, cfg.data, img, split="train", train=True) for s in self.sites}
         self.test = {s.name: SiteDataset(s, cfg.data, img, split="test") for s in self.sites}
         self.heldout = SiteDataset(root / "heldout", cfg.data, img, split=None)
+        if sites:
+            trained = {m for data in self.train.values() for m in modalities(data).values()}
+            kind = modalities(self.heldout)
+            self.heldout.entries = [e for e in self.heldout.entries if kind[e["study_id"]] in trained]
         self.labels = read_labels(root / "truth" / "heldout.jsonl")
         self.site_labels = {s.name: read_labels(root / "truth" / f"{s.name}.jsonl") for s in self.sites}
         self.prompts = read_prompts(root)
+
+    def data_root(self, out: Path) -> Path:
+        """The folder a federation of the kept sites reads: the consortium's own, or a view of it
+        under ``out`` when some of its sites were left out."""
+        names = [s.name for s in self.sites]
+        if names == [s.name for s in consortium_sites(self.root)]:
+            return self.root
+        return site_view(self.root, names, out / "sites-view")
 
     def training_labels(self, sites: list[str] | None = None) -> dict[str, dict[str, int]]:
         """Study id -> labels of the named sites (every site when ``None``) in one mapping."""
@@ -224,13 +248,12 @@ def federated_metrics(run: Path, cons: Consortium, tok) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in per_site])) for k in per_site[0]}
 
 
-def loso_view(root: Path, left_out: str, out: Path) -> Path:
-    """A consortium folder without one site (symlinks, nothing copied)."""
-    view = out / f"without-{left_out}"
+def site_view(root: Path, keep: list[str], view: Path) -> Path:
+    """A consortium folder at ``view`` holding only the sites named in ``keep`` (symlinks, nothing copied)."""
     shutil.rmtree(view, ignore_errors=True)
     (view / "sites").mkdir(parents=True)
     for site in consortium_sites(root):
-        if site.name != left_out:
+        if site.name in keep:
             (view / "sites" / site.name).symlink_to(site.resolve())
     for name in ("heldout", "truth", "prompts.json"):
         if (root / name).exists():
@@ -278,7 +301,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
         if method in methods and method not in res:
             log(f"seed {seed}: {method}, {fed.rounds} rounds x {fed.local_steps} local steps x {n} sites")
             started = time.time()
-            run = federated(method, cfg_args, cons.root, out, n, seed)
+            run = federated(method, cfg_args, cons.data_root(out), out, n, seed)
             res[method] = federated_metrics(run, cons, create_tokenizer(cfg.model))
             done(method, started, federated_steps(run))
     if "loso" in methods:
@@ -288,7 +311,7 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
                 continue
             log(f"seed {seed}: federation without {site.name}")
             started = time.time()
-            view = loso_view(cons.root, site.name, out / "loso")
+            view = site_view(cons.root, [s.name for s in cons.sites if s != site], out / "loso" / f"without-{site.name}")
             run = federated("fedavg", cfg_args, view, out / "loso" / site.name, n - 1, seed)
             model = HLIP.from_pretrained(run / "model")
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,
@@ -406,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso",
                         help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
+    parser.add_argument("--sites", default="",
+                        help="comma-separated sites to keep, scored on the held-out studies of their modalities "
+                             "(default: every site, every held-out study)")
     args = parser.parse_args(argv)
     if args.config is None:
         args.config = "learning" if args.preset == "benchmark" else "demo"
@@ -426,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown method(s) {', '.join(unknown)}")
-    cons = Consortium(data, cfg)
+    try:
+        cons = Consortium(data, cfg, sites=[s for s in args.sites.split(",") if s])
+    except HlipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     per_seed = []
     for seed in range(args.seeds):
         seed_cfg = load_config(files=[args.config] if args.config else [], overrides=overrides + [f"train.seed={seed}"])

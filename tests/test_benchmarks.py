@@ -118,10 +118,13 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     assert "supervised head" in sup.stdout
     cnn_out = tmp_path / "pretraining-cnn.json"
     cnn = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1", "--tower", "cnn",
-              "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), "--json", str(cnn_out), timeout=600)
+              "--sites", "site0,site2", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), "--json", str(cnn_out), timeout=600)
     assert cnn.returncode == 0, (cnn.stdout + cnn.stderr)[-3000:]
     cnn_data = json.loads(cnn_out.read_text())
     assert cnn_data["tower"] == "cnn" and cnn_data["tower_params"] != data["tower_params"]
+    assert data["sites"] == ["site0", "site1", "site2"] and cnn_data["sites"] == ["site0", "site2"]
+    assert cnn_data["training_studies"] < data["training_studies"]  # every held-out study is MR, as theirs
+    assert cnn_data["heldout_studies"] == data["heldout_studies"]
     assert math.isfinite(cnn_data["curve"][0]["loss"])
 
 

@@ -3,6 +3,8 @@
 import json
 import shlex
 
+import pytest
+
 from conftest import FAST_RUN, write_mini_consortium
 from simulations.compare import main as compare_main, markdown, summarise
 
@@ -91,3 +93,31 @@ def test_pooled_site_batches_draw_each_batch_from_one_site(mini_consortium):
     assert len(batches) == 6  # three sites of four studies, batches of two
     assert all(len({i.split("-")[0] for i in ids}) == 1 for ids in batches), batches
     assert len({ids[0].split("-")[0] for ids in batches}) == 3
+
+
+def test_a_choice_of_sites_keeps_them_and_the_heldout_studies_of_their_modality(tmp_path):
+    from hlip_fed.config import load_config
+    from hlip_fed.errors import HlipError
+    from simulations.compare import Consortium
+
+    root = write_mini_consortium(tmp_path / "c", heldout=6)
+    for scan in [*(root / "sites" / "site1").rglob("scan*.json"), *(root / "heldout" / "test" / "h0").glob("*.json"),
+                 *(root / "heldout" / "test" / "h3").glob("*.json")]:
+        scan.write_text(json.dumps({"modality": "CT"}))  # site1 and two held-out studies are CT
+    cfg = load_config("tiny", overrides=FAST_RUN)
+    every = Consortium(root, cfg)
+    assert len(every.heldout) == 6 and every.data_root(tmp_path / "out") == root
+    ct = Consortium(root, cfg, sites=["site1"])
+    assert list(ct.train) == list(ct.test) == ["site1"]
+    assert sorted(e["study_id"] for e in ct.heldout.entries) == ["h0", "h3"]
+    mr = Consortium(root, cfg, sites=["site2", "site0"])
+    assert list(mr.train) == ["site0", "site2"] and len(mr.heldout) == 4
+    view = mr.data_root(tmp_path / "out")
+    assert sorted(p.name for p in (view / "sites").iterdir()) == ["site0", "site2"]
+    assert (view / "heldout" / "test" / "h1" / "report.txt").is_file() and (view / "prompts.json").is_file()
+    with pytest.raises(HlipError, match="no site nowhere") as err:
+        Consortium(root, cfg, sites=["site0", "nowhere"])
+    assert "\n" not in str(err.value)
+    assert compare_main(["--data", str(root), "--out", str(tmp_path / "cmp"), "--config", "", "--sites", "nowhere",
+                         "--methods", "pooled"]) == 2
+    assert sorted(p.name for p in (root / "sites").iterdir()) == ["site0", "site1", "site2"]  # the source untouched
