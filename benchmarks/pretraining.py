@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table([{"group": g, **{f: f"{rows[-1][f'zs@{g}_{f}']:.3f} / {rows[-1][f'probe@{g}_{f}']:.3f}"
                                      for f in findings}} for g in groups],
                     [("group", "modality", "")] + [(f, f, "") for f in findings]))
-    write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train), "config": args.config,
-                           "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
+    write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train),
+                           "config": args.config, "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
                            "tower_params": sum(p.numel() for p in model.visual.parameters()),
                            "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,
                            "curve": rows})

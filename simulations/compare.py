@@ -112,7 +112,8 @@ class Consortium:
         if sites:
             unknown = sorted(set(sites) - {s.name for s in self.sites})
             if unknown:
-                raise HlipError(f"{root}: no site {', '.join(unknown)} (sites: {', '.join(s.name for s in self.sites)})")
+                known = ", ".join(s.name for s in self.sites)
+                raise HlipError(f"{root}: no site {', '.join(unknown)} (sites: {known})")
             self.sites = [s for s in self.sites if s.name in sites]
         img = cfg.model.vision.img_size
         self.train = {s.name: SiteDataset(s, cfg.data, img, split="train", train=True) for s in self.sites}
@@ -311,7 +312,8 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
                 continue
             log(f"seed {seed}: federation without {site.name}")
             started = time.time()
-            view = site_view(cons.root, [s.name for s in cons.sites if s != site], out / "loso" / f"without-{site.name}")
+            others = [s.name for s in cons.sites if s != site]
+            view = site_view(cons.root, others, out / "loso" / f"without-{site.name}")
             run = federated("fedavg", cfg_args, view, out / "loso" / site.name, n - 1, seed)
             model = HLIP.from_pretrained(run / "model")
             res["loso"][site.name] = heldout_metrics(model, create_tokenizer(cfg.model), cons,

@@ -118,13 +118,14 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     assert "supervised head" in sup.stdout
     cnn_out = tmp_path / "pretraining-cnn.json"
     cnn = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1", "--tower", "cnn",
-              "--sites", "site0,site2", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), "--json", str(cnn_out), timeout=600)
+              "--sites", "site0,site2", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN),
+              "--json", str(cnn_out), timeout=600)
     assert cnn.returncode == 0, (cnn.stdout + cnn.stderr)[-3000:]
     cnn_data = json.loads(cnn_out.read_text())
     assert cnn_data["tower"] == "cnn" and cnn_data["tower_params"] != data["tower_params"]
     assert data["sites"] == ["site0", "site1", "site2"] and cnn_data["sites"] == ["site0", "site2"]
-    assert cnn_data["training_studies"] < data["training_studies"]  # every held-out study is MR, as theirs
-    assert cnn_data["heldout_studies"] == data["heldout_studies"]
+    assert cnn_data["training_studies"] < data["training_studies"]
+    assert cnn_data["heldout_studies"] == data["heldout_studies"]  # every held-out study is MR, as the sites' are
     assert math.isfinite(cnn_data["curve"][0]["loss"])
 
 
@@ -176,8 +177,8 @@ def test_cnn_reference_on_some_sites_scores_the_heldout_studies_of_their_modalit
     heldout_ct = [r for r in load_records(five_sites, "heldout") if r["modality"] == "CT"]
     assert len(ct) == 2 and 0 < len(heldout_ct) < len(load_records(five_sites, "heldout"))
     out = tmp_path / "cnn.json"
-    proc = run("cnn_reference.py", str(five_sites), "--config", "", "--steps", "1", "--every", "1", "--sites", ",".join(ct),
-               "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
+    proc = run("cnn_reference.py", str(five_sites), "--config", "", "--steps", "1", "--every", "1",
+               "--sites", ",".join(ct), "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     data = json.loads(out.read_text())
     assert data["sites"] == ct and data["heldout_studies"] == len(heldout_ct)
