@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if opened is None:
         return 2
     cfg, cons = opened
-    chosen = list(cons.train)
-    for name in chosen:
-        cons.train[name].train_scans = None  # every scan of a study, as evaluation reads it
-    train = ConcatDataset([cons.train[name] for name in chosen])
-    labels = cons.training_labels(chosen)
+    chosen = list(cons.train)  # every site, or those --sites named
+    for data in cons.train.values():
+        data.train_scans = None  # every scan of a study, as evaluation reads it
+    train = ConcatDataset(list(cons.train.values()))
+    labels = cons.training_labels()
     findings = list(cons.prompts)
     torch.manual_seed(args.seed)
     net = ConvReference()

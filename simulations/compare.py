@@ -108,13 +108,15 @@ class Consortium:
         held-out set keeps the studies of the modalities those sites train on (e.g. the CT sites,
         scored on the held-out CT studies). An unknown site is a :class:`HlipError`."""
         self.root, self.cfg = root, cfg
-        self.sites = consortium_sites(root)
+        found = consortium_sites(root)
+        self.sites = found
         if sites:
-            unknown = sorted(set(sites) - {s.name for s in self.sites})
+            unknown = sorted(set(sites) - {s.name for s in found})
             if unknown:
-                known = ", ".join(s.name for s in self.sites)
+                known = ", ".join(s.name for s in found)
                 raise HlipError(f"{root}: no site {', '.join(unknown)} (sites: {known})")
-            self.sites = [s for s in self.sites if s.name in sites]
+            self.sites = [s for s in found if s.name in sites]
+        self.whole = len(self.sites) == len(found)  # False: a federation of these sites reads a view
         img = cfg.model.vision.img_size
         self.train = {s.name: SiteDataset(s, cfg.data, img, split="train", train=True) for s in self.sites}
         self.test = {s.name: SiteDataset(s, cfg.data, img, split="test") for s in self.sites}
@@ -130,10 +132,9 @@ class Consortium:
     def data_root(self, out: Path) -> Path:
         """The folder a federation of the kept sites reads: the consortium's own, or a view of it
         under ``out`` when some of its sites were left out."""
-        names = [s.name for s in self.sites]
-        if names == [s.name for s in consortium_sites(self.root)]:
+        if self.whole:
             return self.root
-        return site_view(self.root, names, out / "sites-view")
+        return site_view(self.root, [s.name for s in self.sites], out / "sites-view")
 
     def training_labels(self, sites: list[str] | None = None) -> dict[str, dict[str, int]]:
         """Study id -> labels of the named sites (every site when ``None``) in one mapping."""

@@ -178,7 +178,8 @@ def test_cnn_reference_on_some_sites_scores_the_heldout_studies_of_their_modalit
     assert len(ct) == 2 and 0 < len(heldout_ct) < len(load_records(five_sites, "heldout"))
     out = tmp_path / "cnn.json"
     proc = run("cnn_reference.py", str(five_sites), "--config", "", "--steps", "1", "--every", "1",
-               "--sites", ",".join(ct), "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
+               "--sites", ",".join(ct), "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2",
+               "--json", str(out), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     data = json.loads(out.read_text())
     assert data["sites"] == ct and data["heldout_studies"] == len(heldout_ct)
