@@ -2,6 +2,7 @@
 
     python -m benchmarks.synth_probe DIR            # an existing consortium
     python -m benchmarks.synth_probe --generate DIR # generate the benchmark preset first
+    python -m benchmarks.synth_probe DIR --conspicuity-only [--mri-bias-correction]
 
 Reads every study through the project's reader and preprocessing (the tiny model's 32x96x96
 input), fits one logistic regression per finding on generic image statistics and prints held-out
@@ -10,7 +11,8 @@ benchmark is meant to sit between chance and saturation: pooled mean AUC clearly
 most about 0.95, and the worst single site clearly below pooled. It then prints how conspicuous each
 focal lesion is at the model's input (its signed contrast against the mirrored region, and a
 z-score of its mirror difference against normal studies of the same contrast, see
-``hlip_fed.synth.probe.lesion_conspicuity``).
+``hlip_fed.synth.probe.lesion_conspicuity``). ``--mri-bias-correction`` preprocesses with
+``data.mri_bias_correction`` on (N4 on every MR scan).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", help="also write the result as JSON to this path")
+    parser.add_argument("--mri-bias-correction", action="store_true", help="N4 on every MR scan first")
+    parser.add_argument("--conspicuity-only", action="store_true", help="skip the learnability probe")
     args = parser.parse_args(argv)
 
+    from hlip_fed.config import DataConfig
     from hlip_fed.synth.probe import format_conspicuity, format_result, lesion_conspicuity, run_probe
 
     root = Path(args.consortium)
@@ -42,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         build_consortium(root, args.preset, seed=args.seed, workers=args.workers)
         print(f"generated {args.preset} consortium in {time.monotonic() - t:.0f}s", file=sys.stderr)
     t = time.monotonic()
-    result = run_probe(root)
-    print(format_result(result))
-    result["conspicuity"] = lesion_conspicuity(root)
+    cfg = DataConfig(mri_bias_correction=args.mri_bias_correction)
+    result = {}
+    if not args.conspicuity_only:
+        result = run_probe(root, data_cfg=cfg)
+        print(format_result(result))
+    result["conspicuity"] = lesion_conspicuity(root, data_cfg=cfg)
     print("Lesion conspicuity on the held-out set (model input: contrast against the mirrored region, "
           "and asymmetry against normal studies):\n")
     print(format_conspicuity(result["conspicuity"]))

@@ -121,6 +121,10 @@ class DataConfig:
     # of its brightest structure (hlip_fed/data/preprocess.py); null keeps bone (HLIP's plain window).
     ct_bone_hu: float | None = 150.0
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    # MR only: divide out the scanner's smooth intensity field (N4, hlip_fed/data/preprocess.py)
+    # before the percentile scaling, so one tissue has one value across the head and a lesion's
+    # contrast is not lost in the field's +-20-35 %. HLIP's presets leave it off, as its code does.
+    mri_bias_correction: bool = False
     # Target voxel spacing in mm (depth, height, width) for fit="crop"; null keeps the source spacing.
     target_spacing: list[float] | None = None
     # How a volume is brought to ``model.vision.img_size``: "crop" (resample to ``target_spacing``,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hlip_fed.config import DataConfig
-from hlip_fed.data.preprocess import center_fit, intensity_range, preprocess, resize, scale_intensity, unit_intensity
+from hlip_fed.data.preprocess import (center_fit, intensity_range, preprocess, resize, scale_intensity, to_model_grid,
+                                      unit_intensity)
 from hlip_fed.data.volume import make_volume
 
 
@@ -119,3 +120,64 @@ def test_one_study_on_two_site_grids_gives_the_same_model_input():
     assert head.sum() > 50_000 and brain.sum() > 20_000
     assert diff[head].mean() < 0.035 and np.percentile(diff[brain], 99) < 0.06, (
         diff[head].mean(), np.percentile(diff[brain], 99))
+
+
+
+def _biased_mr(bias: float):
+    """An MR head on a typical site grid (36 x 104 x 104 of 4.5 x 2.2 x 2.2 mm): uniform tissue at
+    0.8 with a 2.6 cm ball at 1.0 (a bleed on T1, 25 % brighter) inside a scalp of fat at 1.3 (the
+    brightest tissue, as on T1, so the percentile clip lands there), times a smooth multiplicative field
+    that spans exp(+-bias) across the head, as a receive coil's sensitivity does. Returns the scan
+    and the masks of the tissue around the lesion and of the lesion, on the model's grid."""
+    d, h, w = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (36, 104, 104)), indexing="ij")
+    z, y, x = (d - 17.5) * 4.5, (h - 51.5) * 2.2, (w - 51.5) * 2.2
+    r_head = np.sqrt((z / 70) ** 2 + (y / 95) ** 2 + (x / 75) ** 2)
+    r_lesion = np.sqrt((z - 10) ** 2 + (y - 20) ** 2 + (x + 30) ** 2)
+    tissue = np.where(r_head < 0.9, np.where(r_lesion < 13, 1.0, 0.8), np.where(r_head < 1, 1.3, 0.0))
+    field = np.exp(bias * (x / 75 + 0.5 * y / 95))
+    value = 1000 * tissue * field + np.random.default_rng(0).normal(0, 10, tissue.shape)
+    vol = _vol(np.abs(value), "MR", (4.5, 2.2, 2.2))
+    cfg = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4])
+    on_grid = [to_model_grid(torch.from_numpy(m.astype(np.float32))[None, None], vol.spacing, cfg, (32, 96, 96))[0, 0]
+               .numpy() > 0.99 for m in ((r_head < 0.8) & (r_lesion > 20), r_lesion < 10)]
+    return vol, *on_grid
+
+
+def test_mri_bias_correction_flattens_a_smooth_field_and_keeps_the_lesion():
+    """N4 removes most of a coil's smooth field from the model input (tissue of one value varies far
+    less across the head) and leaves the lesion as much brighter than its surroundings as it is."""
+    size = (32, 96, 96)
+    off = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4])
+    on = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4], mri_bias_correction=True)
+    vol, tissue, lesion = _biased_mr(0.35)
+    assert tissue.sum() > 30_000 and lesion.sum() > 50
+    source = vol.array.copy()
+    x_off, x_on = (unit_intensity(preprocess(vol, cfg, size)[0].numpy(), cfg) for cfg in (off, on))
+    np.testing.assert_array_equal(vol.array, source)  # the scan itself is not touched
+    cv_off, cv_on = (x[tissue].std() / x[tissue].mean() for x in (x_off, x_on))
+    assert cv_on < 0.5 * cv_off, (cv_off, cv_on)
+    assert 1.15 < x_on[lesion].mean() / x_on[tissue].mean() < 1.35, x_on[lesion].mean() / x_on[tissue].mean()
+
+
+def test_mri_bias_correction_leaves_ct_and_unbiased_mr_alone():
+    cfg = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4])
+    on = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4], mri_bias_correction=True)
+    ct = _vol(np.random.default_rng(1).normal(30, 5, (20, 40, 40)), "CT", (5.0, 2.4, 2.4))
+    torch.testing.assert_close(preprocess(ct, on, (16, 32, 32)), preprocess(ct, cfg, (16, 32, 32)))
+    flat = _biased_mr(0.0)[0]
+    x_off, x_on = (unit_intensity(preprocess(flat, c, (32, 96, 96))[0].numpy(), c) for c in (cfg, on))
+    head = x_off > 0.2
+    assert np.abs(x_on[head] - x_off[head]).mean() < 0.02
+    blank = _vol(np.zeros((20, 40, 40)), "MR", (5.0, 2.4, 2.4))  # nothing to estimate a field from
+    assert preprocess(blank, on, (16, 32, 32)).shape == (1, 16, 32, 32)
+
+
+def test_cache_key_of_settings_without_bias_correction_is_unchanged():
+    """Caches written before the option existed stay valid; turning it on makes new entries."""
+    from hlip_fed.data.cache import preprocess_key
+
+    assert preprocess_key(DataConfig(), (32, 96, 96)) == "f79b1e9f0de646b0"
+    crop = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4])
+    assert preprocess_key(crop, (32, 96, 96)) == "d542dfbae4d42652"
+    crop.mri_bias_correction = True
+    assert preprocess_key(crop, (32, 96, 96)) != "d542dfbae4d42652"

@@ -50,6 +50,8 @@ def preprocess_key(data_cfg, img_size: Sequence[int]) -> str:
     fields = {k: _plain(getattr(data_cfg, k)) for k in _PREPROCESS_KEYS}
     fields["img_size"] = [int(s) for s in img_size]
     fields["version"] = PREPROCESS_VERSION
+    if data_cfg.mri_bias_correction:  # only when on, so caches written before the option stay valid
+        fields["mri_bias_correction"] = True
     return config_hash(fields)
 
 

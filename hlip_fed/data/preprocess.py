@@ -8,7 +8,9 @@ brain into a band of voxels at the value of fresh blood. The steps, set by
 1. CT bone (``ct_bone_hu``): voxels above that many HU, and their face neighbours (the
    partial-volume rim, where a few percent of bone already lifts brain to blood's density), are set
    to the window's lower bound, so the skull reads as background rather than as the brightest
-   structure of the head. MR is left as it is.
+   structure of the head. MR bias field (``mri_bias_correction``): N4 (SimpleITK) fits the
+   scanner's smooth multiplicative field inside an Otsu head mask on a copy shrunk to about 8 mm
+   voxels, and the scan is divided by it at full resolution.
 2. geometry, :func:`to_model_grid`: with ``fit="resize"`` the whole field of view is resampled to
    ``img_size``; with ``fit="crop"`` the scan is sampled at ``target_spacing`` on an ``img_size``
    grid that shares its centre (without a target spacing it is centre-cropped / padded as it is).
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from hlip_fed.data.errors import DataError
 from hlip_fed.data.volume import Volume
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -51,6 +54,35 @@ def suppress_bone(volume: Volume, data_cfg) -> np.ndarray:
     out = a.copy()
     out[bone] = float(data_cfg.ct_window[0])
     return out
+
+
+# N4 on voxels of about this size (mm): the field is smooth over centimetres, and the fit's cost
+# falls with the number of voxels (0.4 s for a 36 x 104 x 104 scan on one core).
+N4_VOXEL_MM = 8.0
+N4_ITERATIONS = (20, 20, 20)  # per fitting level; three levels refine the B-spline control grid
+
+
+def correct_bias_field(a: np.ndarray, volume: Volume, data_cfg) -> np.ndarray:
+    """``a`` divided by the MR scanner's bias field as N4 estimates it; other modalities as they are.
+
+    A scan with nothing to fit (no voxel above Otsu's threshold) is returned as it is.
+    """
+    if volume.modality.upper() != "MR" or not data_cfg.mri_bias_correction or not np.ptp(a) > 0:
+        return a
+    import SimpleITK as sitk  # only sites that turn the correction on pay for the import
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32))
+    img.SetSpacing([float(s) for s in volume.spacing[::-1]])  # SimpleITK's axes are (x, y, z) = (W, H, D)
+    mask = sitk.OtsuThreshold(img, 0, 1, 200)
+    shrink = [max(1, round(N4_VOXEL_MM / float(s))) for s in volume.spacing[::-1]]
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(N4_ITERATIONS))
+    try:
+        n4.Execute(sitk.Shrink(img, shrink), sitk.Shrink(mask, shrink))
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img))
+    except RuntimeError as exc:
+        raise DataError(volume.source, f"N4 bias field correction failed: {str(exc).strip().splitlines()[-1]}")
+    return (a / np.exp(log_field)).astype(np.float32)
 
 
 def intensity_range(a: np.ndarray, modality: str, data_cfg) -> tuple[float, float]:
@@ -179,7 +211,7 @@ def lr_axis(volume: Volume) -> int:
 
 def preprocess(volume: Volume, data_cfg, img_size: Sequence[int]) -> torch.Tensor:
     """The model input for one scan: float32 tensor [1, D, H, W] with ``(D, H, W) == img_size``."""
-    a = suppress_bone(volume, data_cfg)
+    a = correct_bias_field(suppress_bone(volume, data_cfg), volume, data_cfg)
     lo, hi = intensity_range(a, volume.modality, data_cfg)
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
     t = to_model_grid(t, volume.spacing, data_cfg, img_size, background=lo)  # lo: what step 3 maps to 0

@@ -118,10 +118,10 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96)) -> dict:
+def run_probe(consortium_dir: str | Path, img_size=(32, 96, 96), data_cfg: DataConfig | None = None) -> dict:
     """AUC per finding on the held-out set for the pooled probe and each site's local probe."""
     root = Path(consortium_dir)
-    cfg = DataConfig()
+    cfg = data_cfg or DataConfig()
     tables = {name: cohort_table(root, name, cfg, img_size) for name in cohorts(root)}
     Xh, Yh, _ = cohort_table(root, "heldout", cfg, img_size)
 
@@ -198,13 +198,13 @@ def _asymmetry(x: np.ndarray) -> np.ndarray:
 
 
 def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
-                       min_null: int = 5) -> dict:
+                       min_null: int = 5, data_cfg: DataConfig | None = None) -> dict:
     """``{finding: {sequence: {"n", "median_z", "frac_z_above_3", "median_contrast"}}}`` at the
-    model's input.
+    model's input (preprocessed with ``data_cfg``, by default :class:`DataConfig`'s defaults).
 
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
-    root, cfg = Path(consortium_dir), DataConfig()
+    root, cfg = Path(consortium_dir), data_cfg or DataConfig()
     base = site_dir(root, cohort)
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     contrast: dict[tuple[str, str], list[float]] = {}
