@@ -45,11 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from hlip_fed.atomic import write_json_atomic
-from hlip_fed.config import Config, load_config
+from hlip_fed.config import Config, config_hash, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
 from hlip_fed.errors import HlipError
 from hlip_fed.federation.local import _SITES, latest_site_local
@@ -263,6 +264,15 @@ def site_view(root: Path, keep: list[str], view: Path) -> Path:
     return view
 
 
+def run_settings(cfg: Config) -> str:
+    """Digest of the settings a seed's figures depend on: the config, less where and how the site
+    cache keeps its tensors (``data.cache_dir``, ``memory_cache_mb``, ``num_workers``)."""
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    for key in ("cache_dir", "memory_cache_mb", "num_workers"):
+        plain["data"].pop(key)
+    return config_hash(plain)
+
+
 def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int, methods: list[str], log,
              resume: bool = False) -> dict:
     """Every method for one seed. After each method the figures so far and each method's wall time
@@ -272,13 +282,17 @@ def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int
     budget = fed.rounds * fed.local_steps * n
     progress_file = out / "progress.json"
     saved = json.loads(progress_file.read_text()) if resume and progress_file.is_file() else {}
+    settings = run_settings(cfg)
+    if saved.get("settings", settings) != settings:  # files from before the digest was kept carry none
+        raise HlipError(f"{progress_file}: its methods ran under other settings ({saved['settings']}, now "
+                        f"{settings}); resume with the same --config and --overrides, or write to another --out")
     res: dict = saved.get("metrics", {})
     seconds: dict = saved.get("seconds", {})
     steps: dict = saved.get("steps", {})  # optimiser steps each method took: the budget, for every one
 
     def done(method: str, started: float, taken: int) -> None:
         seconds[method], steps[method] = round(time.time() - started, 1), taken
-        write_json_atomic(progress_file, {"metrics": res, "seconds": seconds, "steps": steps})
+        write_json_atomic(progress_file, {"metrics": res, "seconds": seconds, "steps": steps, "settings": settings})
 
     if "pooled" in methods and "pooled" not in res:
         log(f"seed {seed}: pooled, {budget} steps")
@@ -426,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run preset or YAML (as for flwr run; default: learning for --preset benchmark, else demo)")
     parser.add_argument("--overrides", default="", help="space-separated dotted config overrides")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the methods a previous run of the same --out finished (OUT/seed-K/progress.json)")
+                        help="keep the methods a previous run of the same --out finished (OUT/seed-K/progress.json); "
+                             "refused if that run's settings differ")
     parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso",
@@ -463,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for seed in range(args.seeds):
         seed_cfg = load_config(files=[args.config] if args.config else [], overrides=overrides + [f"train.seed={seed}"])
-        per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log, args.resume))
+        try:
+            per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log, args.resume))
+        except HlipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     summary = summarise(per_seed)
     fed = cfg.federation
     result = {

@@ -11,7 +11,7 @@ from simulations.compare import main as compare_main, markdown, summarise
 FAMILIES = ("zeroshot_auc_", "probe_auc_", "prompt_ceiling_")
 
 
-def test_compare_writes_every_method_with_finite_metrics(tmp_path):
+def test_compare_writes_every_method_with_finite_metrics(tmp_path, capsys):
     # 15 held-out studies: five per kind, enough for a 5-fold probe of every finding
     mini_consortium = write_mini_consortium(tmp_path / "consortium", heldout=15)
     out = tmp_path / "cmp"
@@ -64,6 +64,13 @@ def test_compare_writes_every_method_with_finite_metrics(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert set(again) - {"per_seed"} >= {"pooled", "fedavg"} and "local" not in again
     assert again["pooled"]["zeroshot_auc_mean"] == res["pooled"]["zeroshot_auc_mean"]
+    # Resuming under other settings would mix two experiments' figures in one table: refused, one line.
+    changed = overrides + " train.lr=0.123"
+    assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--overrides", changed,
+                         "--methods", "pooled,fedavg", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "seed-0/progress.json" in err and "\n" not in err, err
+    assert json.loads((out / "results.json").read_text()) == again
     # FedBN at the same budget, scored as the mean of the sites' own models (global + own norms).
     assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--overrides", overrides,
                          "--methods", "fedbn,fedavg", "--resume"]) == 0
