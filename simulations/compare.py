@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
@@ -53,6 +52,7 @@ from hlip_fed.atomic import write_json_atomic
 from hlip_fed.config import Config, config_hash, load_config
 from hlip_fed.data.dataset import SiteBatchSampler, SiteDataset, collate_studies
 from hlip_fed.errors import HlipError
+from hlip_fed.federation.coordinator import resume_hash
 from hlip_fed.federation.local import _SITES, latest_site_local
 from hlip_fed.federation.params import federated_keys, set_arrays, start_from
 from hlip_fed.federation.run import consortium_sites, read_labels, read_prompts
@@ -265,12 +265,10 @@ def site_view(root: Path, keep: list[str], view: Path) -> Path:
 
 
 def run_settings(cfg: Config) -> str:
-    """Digest of the settings a seed's figures depend on: the config, less where and how the site
-    cache keeps its tensors (``data.cache_dir``, ``memory_cache_mb``, ``num_workers``)."""
-    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    for key in ("cache_dir", "memory_cache_mb", "num_workers"):
-        plain["data"].pop(key)
-    return config_hash(plain)
+    """Digest of the settings a seed's figures depend on: what a federation must match to resume
+    (:func:`~hlip_fed.federation.coordinator.resume_hash`) and the number of rounds, which sets
+    every method's budget here."""
+    return config_hash({"training": resume_hash(cfg), "rounds": cfg.federation.rounds})
 
 
 def run_seed(cons: Consortium, cfg: Config, cfg_args: dict, out: Path, seed: int, methods: list[str], log,
