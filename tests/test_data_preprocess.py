@@ -122,7 +122,6 @@ def test_one_study_on_two_site_grids_gives_the_same_model_input():
         diff[head].mean(), np.percentile(diff[brain], 99))
 
 
-
 def _biased_mr(bias: float):
     """An MR head on a typical site grid (36 x 104 x 104 of 4.5 x 2.2 x 2.2 mm): uniform tissue at
     0.8 with a 2.6 cm ball at 1.0 (a bleed on T1, 25 % brighter) inside a scalp of fat at 1.3 (the
