@@ -137,10 +137,9 @@ class Consortium:
             return self.root
         return site_view(self.root, [s.name for s in self.sites], out / "sites-view")
 
-    def training_labels(self, sites: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Study id -> labels of the named sites (every site when ``None``) in one mapping."""
-        return {i: y for name in (sites if sites is not None else self.site_labels)
-                for i, y in self.site_labels[name].items()}
+    def training_labels(self) -> dict[str, dict[str, int]]:
+        """Study id -> labels of every kept site's studies, in one mapping."""
+        return {i: y for labels in self.site_labels.values() for i, y in labels.items()}
 
     def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """Batches of ``dataset``; a shuffled (training) loader reads and augments studies in
