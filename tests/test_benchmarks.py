@@ -115,7 +115,7 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     sup = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1",
               "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
     assert sup.returncode == 0, (sup.stdout + sup.stderr)[-3000:]
-    assert "supervised head" in sup.stdout
+    assert "supervised head" in sup.stdout and "site test" in sup.stdout
     cnn_out = tmp_path / "pretraining-cnn.json"
     cnn = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1", "--tower", "cnn",
               "--sites", "site0,site2", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN),
@@ -129,7 +129,9 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     assert math.isfinite(cnn_data["curve"][0]["loss"])
 
 
-def test_cnn_reference_writes_train_and_heldout_aucs(mini_consortium, tmp_path):
+def test_cnn_reference_writes_train_site_test_and_heldout_aucs(mini_consortium, tmp_path):
+    from hlip_fed.synth.truth import load_records
+
     out = tmp_path / "cnn.json"
     proc = run("cnn_reference.py", str(mini_consortium), "--config", "", "--steps", "2", "--every", "1",
                "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
@@ -139,7 +141,9 @@ def test_cnn_reference_writes_train_and_heldout_aucs(mini_consortium, tmp_path):
     for row in data["curve"]:
         assert math.isfinite(row["loss"])
         assert any(k.startswith("heldout_") for k in row) and any(k.startswith("train_") for k in row)
-    assert "| step | epochs | train BCE |" in proc.stdout
+        assert any(k.startswith("site_test_") for k in row)  # the sites' own scanners, unseen studies
+    assert data["site_test_studies"] == sum(len(load_records(mini_consortium, s, "test")) for s in data["sites"]) > 0
+    assert "| step | epochs | train BCE |" in proc.stdout and "site test" in proc.stdout
     bad = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sites", "nowhere", timeout=600)
     assert bad.returncode == 2 and "no site nowhere" in bad.stderr and "Traceback" not in bad.stderr
 
