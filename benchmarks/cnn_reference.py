@@ -8,8 +8,8 @@ can be expected to find. The reference is a four-layer 3D CNN per scan (strides 
 GroupNorm, GELU), max- and mean-pooled over space, max-pooled over the study's scans, with a
 linear head trained by binary cross-entropy on the training studies' ground truth and left-right
 flips (finding presence does not depend on the side). Every ``--every`` steps it scores the head
-on the training studies, on the sites' own test studies (their scanners, studies it never saw)
-and on the held-out set (scanners of its own). Training AUC near 1 with site-test AUC near 0.5 is
+on the training studies, within each site on its own test studies (its scanners, studies it never
+saw) and on the held-out set (scanners of its own). Training AUC near 1 with site-test AUC near 0.5 is
 memorisation: too few examples for the finding. Site-test AUC well above a held-out AUC near 0.5
 is a learned finding that does not carry over to a new scanner.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, table, write_json
 from benchmarks.conv_tower import ConvReference
-from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, supervised_steps
+from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, site_test_aucs, supervised_steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     for data in cons.train.values():
         data.train_scans = None  # every scan of a study, as evaluation reads it
     train = ConcatDataset(list(cons.train.values()))
-    site_test = ConcatDataset(list(cons.test.values()))
     labels = cons.training_labels()
     findings = list(cons.prompts)
     torch.manual_seed(args.seed)
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         done += n
         held = head_aucs(net, head, cons, findings)
         seen = head_aucs(net, head, cons, findings, dataset=train, labels=labels)
-        unseen = head_aucs(net, head, cons, findings, dataset=site_test, labels=labels)
+        unseen = site_test_aucs(net, head, cons, findings)
         row = {"step": done, "epochs": done * cfg.train.batch_size / len(train), "loss": loss,
                "seconds": time.monotonic() - start}
         for f in findings:
@@ -78,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("step", "step", "d"), ("epochs", "epochs", ".1f"), ("loss", "train BCE", ".3f")]
     columns += [(f"train_{f}", f"train {f}", ".3f") for f in findings]
     columns += [(f"site_test_{f}", f"site test {f}", ".3f") for f in findings]
+    site_tests = sum(len(d) for d in cons.test.values())
     columns += [(f"heldout_{f}", f"held-out {f}", ".3f") for f in findings]
     print(f"Supervised 3D CNN reference on {args.data} ({len(train)} training studies from "
-          f"{', '.join(chosen)}; {len(site_test)} site test; {len(cons.heldout)} held-out; "
+          f"{', '.join(chosen)}; {site_tests} site test; {len(cons.heldout)} held-out; "
           f"batch {cfg.train.batch_size})\n")
     print(table(rows, columns))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": chosen,
-                           "training_studies": len(train), "site_test_studies": len(site_test),
+                           "training_studies": len(train), "site_test_studies": site_tests,
                            "heldout_studies": len(cons.heldout), "curve": rows})
     return 0
 

@@ -22,9 +22,9 @@ is missing must be learnt by the image tower.
 
 ``--objective supervised`` is the reference that needs labels: the same vision tower plus a
 linear head trained with binary cross-entropy on the training studies' ground truth (which the
-contrastive path never reads), scored by its own held-out AUC per finding, and on the sites' own
-test studies (their scanners, unseen studies). If even that stays near 0.5, the data, not the
-contrastive objective, is what limits the model; near 0.5 on the held-out set only, the new
+contrastive path never reads), scored by its own held-out AUC per finding, and within each site
+on its own test studies (its scanners, unseen studies). If even that stays near 0.5, the data, not
+the contrastive objective, is what limits the model; near 0.5 on the held-out set only, the new
 scanners are.
 
 ``--tower cnn`` replaces the HLIP vision tower with the 3D CNN reference (:mod:`benchmarks.conv_tower`)
@@ -138,27 +138,68 @@ def supervised_steps(visual, head, batches, opt, labels, findings, steps, train_
     return sum(losses) / len(losses)
 
 
-def head_aucs(visual, head, cons, findings, dataset=None, labels=None) -> dict[str, float]:
-    """AUC per finding of the supervised head, keyed like the zero-shot metrics: on the held-out
-    set, or on ``dataset`` with its ``labels``."""
-    import numpy as np
+def head_scores(visual, head, cons, dataset=None):
+    """``(study ids, head outputs)`` of the supervised head on the held-out set or on ``dataset``."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
-    labels = cons.labels if labels is None else labels
     visual.eval()
     scores, ids = [], []
     with torch.no_grad():
         for images, mask, _, batch_ids in cons.loader(cons.heldout if dataset is None else dataset):
             scores.append(head(visual(images, mask)))
             ids += batch_ids
-    p = torch.cat(scores).numpy()
+    return ids, torch.cat(scores).numpy()
+
+
+def mean_of_defined(values) -> float:
+    """Mean of the values that are not NaN; NaN when none is."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else float("nan")
+
+
+def aucs(ids, scores, labels, findings) -> dict[str, float]:
+    """AUC per finding of ``scores`` (one column per finding) against ``labels``, keyed like the
+    zero-shot metrics; NaN where the studies hold one class of a finding."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
     out = {}
     for j, f in enumerate(findings):
         y = np.array([labels[i][f] for i in ids])
-        out[f"auc-{f}"] = float(roc_auc_score(y, p[:, j])) if 0 < y.sum() < len(y) else float("nan")
-    out["auc-mean"] = float(np.nanmean([out[f"auc-{f}"] for f in findings]))
+        out[f"auc-{f}"] = float(roc_auc_score(y, scores[:, j])) if 0 < y.sum() < len(y) else float("nan")
+    out["auc-mean"] = mean_of_defined(out[f"auc-{f}"] for f in findings)
     return out
+
+
+def within_site_aucs(ids, scores, site_labels, findings) -> dict[str, float]:
+    """AUC per finding within each site's studies, averaged over the sites that hold both classes.
+
+    Pooled over sites, an AUC rewards telling a site with many positives from one with few (the
+    sites' case mix differs); within a site only the finding ranks its studies."""
+    per_site = []
+    for labels in site_labels.values():
+        keep = [r for r, i in enumerate(ids) if i in labels]
+        if keep:
+            per_site.append(aucs([ids[r] for r in keep], scores[keep], labels, findings))
+    out = {f"auc-{f}": mean_of_defined(a[f"auc-{f}"] for a in per_site) for f in findings}
+    out["auc-mean"] = mean_of_defined(out[f"auc-{f}"] for f in findings)
+    return out
+
+
+def head_aucs(visual, head, cons, findings, dataset=None, labels=None) -> dict[str, float]:
+    """AUC per finding of the supervised head, keyed like the zero-shot metrics: on the held-out
+    set, or on ``dataset`` with its ``labels``."""
+    ids, scores = head_scores(visual, head, cons, dataset)
+    return aucs(ids, scores, cons.labels if labels is None else labels, findings)
+
+
+def site_test_aucs(visual, head, cons, findings) -> dict[str, float]:
+    """The supervised head's AUC per finding on the kept sites' own test studies (their scanners,
+    studies it never trained on), within each site (:func:`within_site_aucs`)."""
+    from torch.utils.data import ConcatDataset
+
+    ids, scores = head_scores(visual, head, cons, ConcatDataset(list(cons.test.values())))
+    return within_site_aucs(ids, scores, cons.site_labels, findings)
 
 
 def per_modality(metrics: dict[str, float], findings: list[str]) -> dict[str, float]:
@@ -228,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = {f: metrics[f"probe-{f}"] if metrics[f"probe-{f}-count"] else float("nan") for f in findings}
         if args.objective == "supervised":  # the head's own held-out AUC stands in for zero-shot
             metrics.update(head_aucs(model.visual, head, cons, findings))
-            site_test = head_aucs(model.visual, head, cons, findings, ConcatDataset(list(cons.test.values())), labels)
+            site_test = site_test_aucs(model.visual, head, cons, findings)
         row = {"step": done, "epochs": done * cfg.train.batch_size / n_train, "loss": loss,
                "zs_mean": metrics["auc-mean"], "r5": metrics["r5"], "r10": metrics["r10"],
                "seconds": time.monotonic() - start}

@@ -129,6 +129,25 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
     assert math.isfinite(cnn_data["curve"][0]["loss"])
 
 
+def test_site_test_auc_is_scored_within_each_site():
+    """A score that only tells the sites apart ranks a mass-heavy site's studies first: pooled over
+    sites its AUC is high, within each site it is chance; a score that finds the mass is 1 in both."""
+    import numpy as np
+
+    from benchmarks.pretraining import within_site_aucs
+
+    site_labels = {"oncology": {f"o{i}": {"mass": int(i < 6)} for i in range(8)},
+                   "general": {f"g{i}": {"mass": int(i < 2)} for i in range(8)}}
+    ids = [*site_labels["oncology"], *site_labels["general"]]
+    by_site = np.array([[1.0 if i.startswith("o") else 0.0] for i in ids])
+    assert within_site_aucs(ids, by_site, site_labels, ["mass"])["auc-mass"] == pytest.approx(0.5)
+    by_mass = np.array([[float(site_labels[i[0] == "o" and "oncology" or "general"][i]["mass"])] for i in ids])
+    assert within_site_aucs(ids, by_mass, site_labels, ["mass"])["auc-mass"] == pytest.approx(1.0)
+    one_class = {"oncology": site_labels["oncology"], "memory": {"m0": {"mass": 0}, "m1": {"mass": 0}}}
+    scores = np.array([[float(one_class["oncology"][i]["mass"])] for i in one_class["oncology"]] + [[0.3], [0.7]])
+    assert within_site_aucs([*one_class["oncology"], "m0", "m1"], scores, one_class, ["mass"])["auc-mass"] == 1.0
+
+
 def test_cnn_reference_writes_train_site_test_and_heldout_aucs(mini_consortium, tmp_path):
     from hlip_fed.synth.truth import load_records
 
