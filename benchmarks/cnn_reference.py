@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("step", "step", "d"), ("epochs", "epochs", ".1f"), ("loss", "train BCE", ".3f")]
     columns += [(f"train_{f}", f"train {f}", ".3f") for f in findings]
     columns += [(f"site_test_{f}", f"site test {f}", ".3f") for f in findings]
-    site_tests = sum(len(d) for d in cons.test.values())
     columns += [(f"heldout_{f}", f"held-out {f}", ".3f") for f in findings]
+    site_tests = sum(len(d) for d in cons.test.values())
     print(f"Supervised 3D CNN reference on {args.data} ({len(train)} training studies from "
           f"{', '.join(chosen)}; {site_tests} site test; {len(cons.heldout)} held-out; "
           f"batch {cfg.train.batch_size})\n")

@@ -141,7 +141,8 @@ def test_site_test_auc_is_scored_within_each_site():
     ids = [*site_labels["oncology"], *site_labels["general"]]
     by_site = np.array([[1.0 if i.startswith("o") else 0.0] for i in ids])
     assert within_site_aucs(ids, by_site, site_labels, ["mass"])["auc-mass"] == pytest.approx(0.5)
-    by_mass = np.array([[float(site_labels[i[0] == "o" and "oncology" or "general"][i]["mass"])] for i in ids])
+    labels = {**site_labels["oncology"], **site_labels["general"]}
+    by_mass = np.array([[float(labels[i]["mass"])] for i in ids])
     assert within_site_aucs(ids, by_mass, site_labels, ["mass"])["auc-mass"] == pytest.approx(1.0)
     one_class = {"oncology": site_labels["oncology"], "memory": {"m0": {"mass": 0}, "m1": {"mass": 0}}}
     scores = np.array([[float(one_class["oncology"][i]["mass"])] for i in one_class["oncology"]] + [[0.3], [0.7]])
