@@ -161,12 +161,12 @@ def aucs(ids, scores, labels, findings) -> dict[str, float]:
     """AUC per finding of ``scores`` (one column per finding) against ``labels``, keyed like the
     zero-shot metrics; NaN where the studies hold one class of a finding."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
 
-    out = {}
-    for j, f in enumerate(findings):
-        y = np.array([labels[i][f] for i in ids])
-        out[f"auc-{f}"] = float(roc_auc_score(y, scores[:, j])) if 0 < y.sum() < len(y) else float("nan")
+    from hlip_fed.training.evaluate import label_aucs
+
+    per_finding = label_aucs({f: scores[:, j] for j, f in enumerate(findings)},
+                             {f: np.array([labels[i][f] for i in ids]) for f in findings})
+    out = {f"auc-{f}": auc for f, auc in per_finding.items()}
     out["auc-mean"] = mean_of_defined(out[f"auc-{f}"] for f in findings)
     return out
 
