@@ -1,6 +1,6 @@
 """Is the consortium learnable at its size? A supervised 3D CNN reference, held-out AUC per finding.
 
-    python -m benchmarks.cnn_reference DATA [--steps 1500] [--every 300] [--sites a,b] [--json OUT]
+    python -m benchmarks.cnn_reference DATA [--steps 1500] [--every 300] [--sites a,b] [--sequences FLAIR] [--json OUT]
 
 The pre-training benchmark asks what the HLIP tower learns; this one asks what a plain supervised
 learner with a convolutional prior learns from the same studies, which bounds what pre-training
@@ -14,7 +14,8 @@ memorisation: too few examples for the finding. Site-test AUC well above a held-
 is a learned finding that does not carry over to a new scanner.
 
 ``--sites`` trains on some sites only and scores on the held-out studies of their modalities
-(e.g. the two CT sites, scored on the held-out CT studies).
+(e.g. the two CT sites, scored on the held-out CT studies); ``--sequences`` keeps only the scans of
+some MR sequences, in every split (e.g. ``FLAIR``: one contrast at a time).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {cfg.train.batch_size})\n")
     print(table(rows, columns))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": chosen,
-                           "training_studies": len(train), "site_test_studies": site_tests,
+                           "sequences": args.sequences, "training_studies": len(train), "site_test_studies": site_tests,
                            "heldout_studies": len(cons.heldout), "curve": rows})
     return 0
 

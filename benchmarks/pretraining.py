@@ -1,6 +1,7 @@
 """What pooled contrastive pre-training learns on a consortium, measured along the way.
 
-    python -m benchmarks.pretraining DATA [--steps 800] [--every 100] [--sites a,b] [--overrides "..."] [--json OUT]
+    python -m benchmarks.pretraining DATA [--steps 800] [--every 100] [--sites a,b] [--sequences FLAIR]
+                                          [--overrides "..."] [--json OUT]
 
 Trains one model on every site's training studies together (the ``pooled`` reference of
 ``simulations.compare``) and, every ``--every`` steps, reports on the held-out set:
@@ -57,6 +58,9 @@ def add_run_args(parser: argparse.ArgumentParser, steps: int, every: int, overri
     parser.add_argument("--sites", default="",
                         help="comma-separated sites to train on, scored on the held-out studies of their modalities "
                              "(default: every site, every held-out study)")
+    parser.add_argument("--sequences", default="",
+                        help="comma-separated scan sequences to keep (e.g. FLAIR), in training, site-test and "
+                             "held-out studies alike (default: every scan)")
 
 
 def open_consortium(args: argparse.Namespace):
@@ -67,7 +71,8 @@ def open_consortium(args: argparse.Namespace):
 
     try:
         cfg = load_config(files=[args.config] if args.config else [], overrides=shlex.split(args.overrides))
-        return cfg, Consortium(args.data, cfg, sites=[s for s in args.sites.split(",") if s])
+        return cfg, Consortium(args.data, cfg, sites=[s for s in args.sites.split(",") if s],
+                               sequences=[s for s in args.sequences.split(",") if s])
     except HlipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                      for f in findings}} for g in groups],
                     [("group", "modality", "")] + [(f, f, "") for f in findings]))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train),
-                           "config": args.config, "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
+                           "sequences": args.sequences, "config": args.config, "overrides": args.overrides,
+                           "objective": args.objective, "tower": args.tower,
                            "tower_params": sum(p.numel() for p in model.visual.parameters()),
                            "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,
                            "curve": rows})

@@ -104,10 +104,12 @@ def family_of(key: str) -> str | None:
 class Consortium:
     """The consortium's datasets, built once and shared by every method and seed."""
 
-    def __init__(self, root: Path, cfg: Config, sites: list[str] | None = None):
+    def __init__(self, root: Path, cfg: Config, sites: list[str] | None = None, sequences: list[str] | None = None):
         """``sites`` names the sites to keep (every site when ``None`` or empty); with a choice, the
         held-out set keeps the studies of the modalities those sites train on (e.g. the CT sites,
-        scored on the held-out CT studies). An unknown site is a :class:`HlipError`."""
+        scored on the held-out CT studies). An unknown site is a :class:`HlipError`. ``sequences``
+        (e.g. ``["FLAIR"]``) keeps only the scans of those sequences in every split, and the studies
+        that hold one; a split left without a study is a :class:`HlipError`."""
         self.root, self.cfg = root, cfg
         found = consortium_sites(root)
         self.sites = found
@@ -126,6 +128,9 @@ class Consortium:
             trained = {m for data in self.train.values() for m in modalities(data).values()}
             kind = modalities(self.heldout)
             self.heldout.entries = [e for e in self.heldout.entries if kind[e["study_id"]] in trained]
+        if sequences:
+            for data in [*self.train.values(), *self.test.values(), self.heldout]:
+                keep_sequences(data, sequences)
         self.labels = read_labels(root / "truth" / "heldout.jsonl")
         self.site_labels = {s.name: read_labels(root / "truth" / f"{s.name}.jsonl") for s in self.sites}
         self.prompts = read_prompts(root)
@@ -154,6 +159,18 @@ class Consortium:
             return DataLoader(dataset, batch_sampler=SiteBatchSampler(sizes, batch, gen), **common)
         return DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen,
                           drop_last=shuffle and len(dataset) > batch, **common)
+
+
+def keep_sequences(dataset: SiteDataset, sequences: list[str]) -> None:
+    """Keeps only the scans of ``sequences`` in ``dataset``, and the studies that hold one."""
+    entries = []
+    for entry in dataset.entries:
+        scans = [scan for scan in entry["scans"] if scan.get("sequence") in sequences]
+        if scans:
+            entries.append({**entry, "scans": scans})
+    if not entries:
+        raise HlipError(f"{dataset.site}: no {' or '.join(sequences)} scan in any study")
+    dataset.entries = entries
 
 
 def modalities(dataset: SiteDataset) -> dict[str, str]:

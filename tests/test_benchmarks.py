@@ -166,6 +166,8 @@ def test_cnn_reference_writes_train_site_test_and_heldout_aucs(mini_consortium, 
     assert "| step | epochs | train BCE |" in proc.stdout and "site test" in proc.stdout
     bad = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sites", "nowhere", timeout=600)
     assert bad.returncode == 2 and "no site nowhere" in bad.stderr and "Traceback" not in bad.stderr
+    none = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sequences", "DWI", timeout=600)
+    assert none.returncode == 2 and "no DWI scan" in none.stderr and "Traceback" not in none.stderr
 
 
 def test_text_cache_benchmark_times_training_and_evaluation(mini_consortium, tmp_path):

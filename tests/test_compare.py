@@ -128,3 +128,28 @@ def test_a_choice_of_sites_keeps_them_and_the_heldout_studies_of_their_modality(
     assert compare_main(["--data", str(root), "--out", str(tmp_path / "cmp"), "--config", "", "--sites", "nowhere",
                          "--methods", "pooled"]) == 2
     assert sorted(p.name for p in (root / "sites").iterdir()) == ["site0", "site1", "site2"]  # the source untouched
+
+
+def test_a_choice_of_sequences_keeps_those_scans_and_the_studies_that_hold_one(tmp_path):
+    from hlip_fed.config import load_config
+    from hlip_fed.errors import HlipError
+    from simulations.compare import Consortium
+
+    root = write_mini_consortium(tmp_path / "c", heldout=6)
+    for sidecar in sorted(root.rglob("scan0.json"))[::2]:
+        sidecar.write_text(json.dumps({"modality": "MR", "sequence": "FLAIR"}))
+    cfg = load_config("tiny", overrides=FAST_RUN)
+    every = Consortium(root, cfg)
+    flair = Consortium(root, cfg, sequences=["FLAIR"])
+    for name in every.train:
+        for split in ("train", "test"):
+            kept, whole = getattr(flair, split)[name].entries, getattr(every, split)[name].entries
+            assert {s["sequence"] for e in kept for s in e["scans"]} <= {"FLAIR"}
+            assert [e["study_id"] for e in kept] == [e["study_id"] for e in whole
+                                                     if any(s["sequence"] == "FLAIR" for s in e["scans"])]
+    assert 0 < len(flair.heldout) < len(every.heldout)
+    assert sum(len(d) for d in flair.train.values()) < sum(len(d) for d in every.train.values())
+    with pytest.raises(HlipError, match="no DWI scan") as err:
+        Consortium(root, cfg, sequences=["DWI"])
+    assert "\n" not in str(err.value) and "site0" in str(err.value)
+    assert {s["sequence"] for e in Consortium(root, cfg).train["site0"].entries for s in e["scans"]} == {"FLAIR", "T1"}
