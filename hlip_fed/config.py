@@ -121,6 +121,11 @@ class DataConfig:
     # of its brightest structure (hlip_fed/data/preprocess.py); null keeps bone (HLIP's plain window).
     ct_bone_hu: float | None = 150.0
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    # How an MR scan reaches [0, 1]: "percentiles" (HLIP's) maps the two ``mri_percentiles`` of its
+    # voxels to 0 and 1, so a lesion that fills the top 0.5 % becomes the scan's 1 and darkens every
+    # normal tissue; "foreground" maps the lower percentile to 0 and twice the median of the head
+    # (the voxels above Otsu's threshold) to 1, so normal tissue keeps its value whatever a lesion adds.
+    mri_scale: Literal["percentiles", "foreground"] = "percentiles"
     # MR only: divide out the scanner's smooth intensity field (N4, hlip_fed/data/preprocess.py)
     # before the percentile scaling, so one tissue has one value across the head and a lesion's
     # contrast is not lost in the field's +-20-35 %. HLIP's presets leave it off, as its code does.

@@ -122,23 +122,24 @@ def test_one_study_on_two_site_grids_gives_the_same_model_input():
         diff[head].mean(), np.percentile(diff[brain], 99))
 
 
-def _biased_mr(bias: float):
+def _biased_mr(bias: float, lesion: float = 1.0, radius_mm: float = 13.0):
     """An MR head on a typical site grid (36 x 104 x 104 of 4.5 x 2.2 x 2.2 mm): uniform tissue at
-    0.8 with a 2.6 cm ball at 1.0 (a bleed on T1, 25 % brighter) inside a scalp of fat at 1.3 (the
-    brightest tissue, as on T1, so the percentile clip lands there), times a smooth multiplicative field
-    that spans exp(+-bias) across the head, as a receive coil's sensitivity does. Returns the scan
-    and the masks of the tissue around the lesion and of the lesion, on the model's grid."""
+    0.8 with a ball of ``radius_mm`` at ``lesion`` (by default 2.6 cm at 1.0: a bleed on T1, 25 %
+    brighter) inside a scalp of fat at 1.3 (the brightest tissue, as on T1, so the percentile clip
+    lands there), times a smooth multiplicative field that spans exp(+-bias) across the head, as a
+    receive coil's sensitivity does. Returns the scan and the masks of the tissue around the lesion
+    and of the lesion, on the model's grid."""
     d, h, w = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in (36, 104, 104)), indexing="ij")
     z, y, x = (d - 17.5) * 4.5, (h - 51.5) * 2.2, (w - 51.5) * 2.2
     r_head = np.sqrt((z / 70) ** 2 + (y / 95) ** 2 + (x / 75) ** 2)
     r_lesion = np.sqrt((z - 10) ** 2 + (y - 20) ** 2 + (x + 30) ** 2)
-    tissue = np.where(r_head < 0.9, np.where(r_lesion < 13, 1.0, 0.8), np.where(r_head < 1, 1.3, 0.0))
+    tissue = np.where(r_head < 0.9, np.where(r_lesion < radius_mm, lesion, 0.8), np.where(r_head < 1, 1.3, 0.0))
     field = np.exp(bias * (x / 75 + 0.5 * y / 95))
     value = 1000 * tissue * field + np.random.default_rng(0).normal(0, 10, tissue.shape)
     vol = _vol(np.abs(value), "MR", (4.5, 2.2, 2.2))
     cfg = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4])
     on_grid = [to_model_grid(torch.from_numpy(m.astype(np.float32))[None, None], vol.spacing, cfg, (32, 96, 96))[0, 0]
-               .numpy() > 0.99 for m in ((r_head < 0.8) & (r_lesion > 20), r_lesion < 10)]
+               .numpy() > 0.99 for m in ((r_head < 0.8) & (r_lesion > radius_mm + 7), r_lesion < radius_mm - 3)]
     return vol, *on_grid
 
 
@@ -156,6 +157,33 @@ def test_mri_bias_correction_flattens_a_smooth_field_and_keeps_the_lesion():
     cv_off, cv_on = (x[tissue].std() / x[tissue].mean() for x in (x_off, x_on))
     assert cv_on < 0.5 * cv_off, (cv_off, cv_on)
     assert 1.15 < x_on[lesion].mean() / x_on[tissue].mean() < 1.35, x_on[lesion].mean() / x_on[tissue].mean()
+
+
+def test_mri_foreground_scale_keeps_normal_tissue_where_it_is_whatever_the_lesion():
+    """Scaled to its percentiles, a scan whose large bright lesion (FLAIR oedema, say) outgrows the
+    top 0.5 % of voxels takes the lesion as its 1, so the same normal tissue reads darker than in a
+    scan without it; scaled to the median of the head, normal tissue reads the same in both and the
+    lesion keeps its contrast."""
+    size = (32, 96, 96)
+    common = {"fit": "crop", "target_spacing": [5.0, 2.4, 2.4]}
+    percentiles, foreground = DataConfig(**common), DataConfig(**common, mri_scale="foreground")
+    normal, tissue, _ = _biased_mr(0.0, lesion=0.8, radius_mm=28.0)
+    sick, _, lesion = _biased_mr(0.0, lesion=2.0, radius_mm=28.0)
+    source = sick.array.copy()
+
+    def read(vol, cfg):
+        return unit_intensity(preprocess(vol, cfg, size)[0].numpy(), cfg)
+
+    p_normal, p_sick = read(normal, percentiles)[tissue].mean(), read(sick, percentiles)[tissue].mean()
+    f_normal, f_sick = read(normal, foreground)[tissue].mean(), read(sick, foreground)[tissue].mean()
+    assert p_sick < 0.8 * p_normal, (p_normal, p_sick)
+    assert abs(f_sick - f_normal) < 0.03 * f_normal, (f_normal, f_sick)
+    assert read(sick, foreground)[lesion].mean() > 2.0 * f_sick
+    np.testing.assert_array_equal(sick.array, source)
+    ct = _vol(np.random.default_rng(1).normal(30, 5, (20, 40, 40)), "CT", (5.0, 2.4, 2.4))
+    torch.testing.assert_close(preprocess(ct, foreground, (16, 32, 32)), preprocess(ct, percentiles, (16, 32, 32)))
+    blank = _vol(np.zeros((20, 40, 40)), "MR", (5.0, 2.4, 2.4))
+    assert unit_intensity(preprocess(blank, foreground, (16, 32, 32)), foreground).abs().max() < 1e-6
 
 
 def test_mri_bias_correction_leaves_ct_and_unbiased_mr_alone():
@@ -180,3 +208,5 @@ def test_cache_key_of_settings_without_bias_correction_is_unchanged():
     assert preprocess_key(crop, (32, 96, 96)) == "d542dfbae4d42652"
     crop.mri_bias_correction = True
     assert preprocess_key(crop, (32, 96, 96)) != "d542dfbae4d42652"
+    scaled = DataConfig(fit="crop", target_spacing=[5.0, 2.4, 2.4], mri_scale="foreground")
+    assert preprocess_key(scaled, (32, 96, 96)) not in ("d542dfbae4d42652", preprocess_key(crop, (32, 96, 96)))

@@ -52,6 +52,8 @@ def preprocess_key(data_cfg, img_size: Sequence[int]) -> str:
     fields["version"] = PREPROCESS_VERSION
     if data_cfg.mri_bias_correction:  # only when on, so caches written before the option stay valid
         fields["mri_bias_correction"] = True
+    if data_cfg.mri_scale != "percentiles":  # likewise
+        fields["mri_scale"] = data_cfg.mri_scale
     return config_hash(fields)
 
 

@@ -19,7 +19,8 @@ brain into a band of voxels at the value of fresh blood. The steps, set by
    voxel spacing) to the output spacing, then trilinear interpolation samples it. Two scanners
    resampled to one spacing are therefore equally sharp and, whatever their grids, aligned.
 3. intensity to [0, 1]: CT is clipped to the HU window ``ct_window`` and scaled linearly; every
-   other modality is clipped to the ``mri_percentiles`` of its own voxels and min-max scaled;
+   other modality is clipped to the ``mri_percentiles`` of its own voxels and min-max scaled, or
+   with ``mri_scale: foreground`` mapped from its lower percentile to twice its head's median;
    what lies outside the scan's field of view is 0.
 4. scalar normalisation ``(x - mean) / std``.
 
@@ -85,12 +86,30 @@ def correct_bias_field(a: np.ndarray, volume: Volume, data_cfg) -> np.ndarray:
     return (a / np.exp(log_field)).astype(np.float32)
 
 
+# With ``mri_scale: foreground``, the head's median sits this far up the [0, 1] range: 0.5, so the
+# brightest MR tissue (T2 CSF, enhancing tumour, FLAIR oedema: 1.7-2.2x the median) reaches about 1.
+FOREGROUND_MEDIAN_AT = 0.5
+
+
+def head_median(a: np.ndarray) -> float:
+    """Median of the voxels of ``a`` above Otsu's threshold (the head, not the air around it)."""
+    import SimpleITK as sitk  # only MR scans scaled to their foreground pay for the import
+
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)))
+    return float(np.median(a[a > otsu.GetThreshold()]))
+
+
 def intensity_range(a: np.ndarray, modality: str, data_cfg) -> tuple[float, float]:
-    """The values that step 3 maps to 0 and 1: the CT window, or the MR percentiles of ``a``."""
+    """The values that step 3 maps to 0 and 1: the CT window, or for MR the percentiles of ``a``
+    (``mri_scale: percentiles``) or its lower percentile and twice its head's median above it
+    (``foreground``)."""
     if modality.upper() == "CT":
         return float(data_cfg.ct_window[0]), float(data_cfg.ct_window[1])
-    lo, hi = np.percentile(a, list(data_cfg.mri_percentiles))
-    return float(lo), float(hi)
+    lo, hi = (float(v) for v in np.percentile(a, list(data_cfg.mri_percentiles)))
+    if data_cfg.mri_scale == "foreground" and hi > lo:
+        hi = lo + (head_median(a) - lo) / FOREGROUND_MEDIAN_AT
+    return lo, hi
 
 
 def scale_intensity(a: np.ndarray | torch.Tensor, lo: float, hi: float) -> np.ndarray | torch.Tensor:
