@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, table, write_json
 from benchmarks.conv_tower import ConvReference
-from benchmarks.pretraining import add_run_args, head_aucs, open_consortium, site_test_aucs, supervised_steps
+from benchmarks.pretraining import (add_run_args, batches_drawn, head_aucs, open_consortium, site_test_aucs,
+                                    supervised_steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     site_tests = sum(len(d) for d in cons.test.values())
     print(f"Supervised 3D CNN reference on {args.data} ({len(train)} training studies from "
           f"{', '.join(chosen)}; {site_tests} site test; {len(cons.heldout)} held-out; "
-          f"batch {cfg.train.batch_size})\n")
+          f"{batches_drawn(cfg.train)})\n")
     print(table(rows, columns))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": chosen,
-                           "sequences": args.sequences, "training_studies": len(train), "site_test_studies": site_tests,
+                           "sequences": args.sequences, "site_batches": cfg.train.site_batches,
+                           "training_studies": len(train), "site_test_studies": site_tests,
                            "heldout_studies": len(cons.heldout), "curve": rows})
     return 0
 

@@ -78,6 +78,12 @@ def open_consortium(args: argparse.Namespace):
         return None
 
 
+def batches_drawn(train_cfg) -> str:
+    """How the training batches are drawn, for a benchmark's header: the loader draws each batch
+    from one site when ``train.site_batches`` is on (the learning recipe's setting)."""
+    return f"batch {train_cfg.batch_size}, " + ("each from one site" if train_cfg.site_batches else "sites mixed")
+
+
 def text_side(model, tok, cons, findings) -> dict[str, dict[str, float]]:
     """Report-feature probe and prompt-vs-report zero-shot AUC per finding (no training)."""
     import numpy as np
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     columns += [("r5", "R@5", ".3f"), ("r10", "R@10", ".3f")]
     columns += [(f"probe_{f}", f"probe {f}", ".3f") for f in findings]
     print(f"Pooled {args.objective} training of the {args.tower} tower on {args.data} ({n_train} training studies, "
-          f"{len(cons.heldout)} held-out; batch {cfg.train.batch_size}; overrides: {args.overrides or 'none'})\n")
+          f"{len(cons.heldout)} held-out; {batches_drawn(cfg.train)}; overrides: {args.overrides or 'none'})\n")
     print(table(rows, columns))
     print("\nText side (locked encoder, before any training; held-out AUC per finding):\n")
     print(table([{"what": k, **v} for k, v in text.items()],
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                                      for f in findings}} for g in groups],
                     [("group", "modality", "")] + [(f, f, "") for f in findings]))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train),
-                           "sequences": args.sequences, "config": args.config, "overrides": args.overrides,
+                           "sequences": args.sequences, "site_batches": cfg.train.site_batches, "config": args.config,
+                           "overrides": args.overrides,
                            "objective": args.objective, "tower": args.tower,
                            "tower_params": sum(p.numel() for p in model.visual.parameters()),
                            "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,

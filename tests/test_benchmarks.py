@@ -111,6 +111,7 @@ def test_pretraining_benchmark_writes_its_curve(mini_consortium, tmp_path):
         assert any(k.startswith("probe_") for k in row) and any(k.startswith("zs_") and k != "zs_mean" for k in row)
         assert any(k.startswith("zs@") for k in row) and any(k.startswith("probe@") for k in row)  # per modality
     assert "| step | epochs | train loss |" in proc.stdout
+    assert data["site_batches"] is False and "sites mixed" in proc.stdout
     assert set(data["text_side"]) == {"report_probe", "prompt_vs_report"}
     sup = run("pretraining.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1",
               "--objective", "supervised", "--overrides", " ".join(shlex.quote(o) for o in FAST_RUN), timeout=600)
@@ -164,6 +165,10 @@ def test_cnn_reference_writes_train_site_test_and_heldout_aucs(mini_consortium, 
         assert any(k.startswith("site_test_") for k in row)  # the sites' own scanners, unseen studies
     assert data["site_test_studies"] == sum(len(load_records(mini_consortium, s, "test")) for s in data["sites"]) > 0
     assert "| step | epochs | train BCE |" in proc.stdout and "site test" in proc.stdout
+    assert data["site_batches"] is False and "sites mixed" in proc.stdout
+    one_site = run("cnn_reference.py", str(mini_consortium), "--config", "", "--steps", "1", "--every", "1", "--overrides",
+                   "model.vision.img_size=[16,32,32] train.batch_size=2 train.site_batches=true", timeout=600)
+    assert one_site.returncode == 0 and "each from one site" in one_site.stdout, one_site.stderr[-2000:]
     bad = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sites", "nowhere", timeout=600)
     assert bad.returncode == 2 and "no site nowhere" in bad.stderr and "Traceback" not in bad.stderr
     none = run("cnn_reference.py", str(mini_consortium), "--config", "", "--sequences", "DWI", timeout=600)
