@@ -123,8 +123,8 @@ class DataConfig:
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     # How an MR scan reaches [0, 1]: "percentiles" (HLIP's) maps the two ``mri_percentiles`` of its
     # voxels to 0 and 1, so a lesion that fills the top 0.5 % becomes the scan's 1 and darkens every
-    # normal tissue; "foreground" maps the lower percentile to 0 and twice the median of the head
-    # (the voxels above Otsu's threshold) to 1, so normal tissue keeps its value whatever a lesion adds.
+    # normal tissue; "foreground" maps the lower percentile to 0 and the median of the head (the
+    # voxels above Otsu's threshold) to 0.5, so normal tissue keeps its value whatever a lesion adds.
     mri_scale: Literal["percentiles", "foreground"] = "percentiles"
     # MR only: divide out the scanner's smooth intensity field (N4, hlip_fed/data/preprocess.py)
     # before the percentile scaling, so one tissue has one value across the head and a lesion's

@@ -20,7 +20,7 @@ brain into a band of voxels at the value of fresh blood. The steps, set by
    resampled to one spacing are therefore equally sharp and, whatever their grids, aligned.
 3. intensity to [0, 1]: CT is clipped to the HU window ``ct_window`` and scaled linearly; every
    other modality is clipped to the ``mri_percentiles`` of its own voxels and min-max scaled, or
-   with ``mri_scale: foreground`` mapped from its lower percentile to twice its head's median;
+   with ``mri_scale: foreground`` scaled from its lower percentile so that its head's median is 0.5;
    what lies outside the scan's field of view is 0.
 4. scalar normalisation ``(x - mean) / std``.
 
@@ -97,13 +97,14 @@ def head_median(a: np.ndarray) -> float:
 
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.Execute(sitk.GetImageFromArray(np.ascontiguousarray(a, dtype=np.float32)))
-    return float(np.median(a[a > otsu.GetThreshold()]))
+    head = a[a > otsu.GetThreshold()]
+    return float(np.median(head if head.size else a))
 
 
 def intensity_range(a: np.ndarray, modality: str, data_cfg) -> tuple[float, float]:
     """The values that step 3 maps to 0 and 1: the CT window, or for MR the percentiles of ``a``
-    (``mri_scale: percentiles``) or its lower percentile and twice its head's median above it
-    (``foreground``)."""
+    (``mri_scale: percentiles``) or its lower percentile and the value that puts its head's median
+    at :data:`FOREGROUND_MEDIAN_AT` (``foreground``)."""
     if modality.upper() == "CT":
         return float(data_cfg.ct_window[0]), float(data_cfg.ct_window[1])
     lo, hi = (float(v) for v in np.percentile(a, list(data_cfg.mri_percentiles)))
