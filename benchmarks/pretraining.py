@@ -315,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     [("group", "modality", "")] + [(f, f, "") for f in findings]))
     write_json(args.json, {"machine": machine(), "data": str(args.data), "sites": list(cons.train),
                            "sequences": args.sequences, "site_batches": cfg.train.site_batches, "config": args.config,
-                           "overrides": args.overrides,
-                           "objective": args.objective, "tower": args.tower,
+                           "overrides": args.overrides, "objective": args.objective, "tower": args.tower,
                            "tower_params": sum(p.numel() for p in model.visual.parameters()),
                            "training_studies": n_train, "heldout_studies": len(cons.heldout), "text_side": text,
                            "curve": rows})
