@@ -142,6 +142,11 @@ class DataConfig:
     mean: float = 0.449
     std: float = 0.226
     max_scans: int = 4  # scans kept per study (the first ones in manifest order)
+    # The scans a site's dataset reads from a study, in training and evaluation alike: those whose
+    # manifest ``sequence`` is listed (e.g. [FLAIR]); a study holding none of them (a CT study, an MR
+    # study without the sequence) is read with every scan. Empty: every scan, as HLIP reads them.
+    # `hlip-fed predict` reads the scans it is given.
+    sequences: list[str] = field(default_factory=list)
     # HLIP's training-time scan sampling: each time a training study is drawn, its scans are
     # shuffled and repeated or cut to exactly this many, so scan order and scan count (which say
     # which protocol, hence which hospital, a study came from) cannot stand in for its content.

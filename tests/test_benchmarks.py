@@ -300,3 +300,41 @@ def test_transport_benchmark_halves_the_bytes_and_measures_the_weights_against_f
     assert rows and all(r["ratio"] == 0.5 for r in rows.values()), rows  # 16-bit values, the same arrays
     assert all(r["serialised"] > r["bytes"] for r in rows.values())  # plus an npy header per array
     assert all(0.0 < r["weight_error"] < 0.1 and r["rejected"] == 0 for r in rows.values()), rows
+
+
+def test_token_probe_features_follow_the_towers_token_order():
+    """A bright block in one patch: its token is the one whose lesion share is 1, whose voxels and
+    upper quantiles are the brightest, and whose patch embedding the tower computes from it."""
+    import torch
+
+    from benchmarks.token_probe import patch_quantiles, patch_shares, patch_voxels, stage_tokens
+    from hlip_fed.config import load_config
+    from hlip_fed.model import create_model
+
+    cfg = load_config(overrides=["model.vision.img_size=[16,32,32]"])
+    visual = create_model(cfg.model, seed=0).visual
+    patch = visual.cfg.patch_size  # 8 x 16 x 16: a grid of 2 x 2 x 2 tokens
+    x = torch.zeros(1, 16, 32, 32)
+    x[0, 8:16, 0:16, 16:32] = 1.0  # depth slab 1, row 0, column 1: token 1 * 4 + 0 * 2 + 1 = 5
+    shares = patch_shares(x[0].numpy() > 0.5, patch)
+    assert shares.tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+    assert patch_voxels(x, patch).mean(1).argmax() == 5 and patch_quantiles(x, patch)[:, -1].argmax() == 5
+    visual.eval()
+    tokens = stage_tokens(visual, x[None])
+    assert set(tokens) == {"voxels", "voxel quantiles", "embedding", "block 1", "block 2", "block 3"}
+    assert all(v.shape[:2] == (1, 8) for v in tokens.values())
+    plain = visual.embed(torch.zeros(1, 1, 1, 16, 32, 32), torch.ones(1, 1, dtype=torch.bool))[0, 0].reshape(8, -1)
+    moved = (torch.from_numpy(tokens["embedding"][0]) - plain.detach()).abs().sum(1)
+    assert moved.argmax() == 5 and moved[[0, 1, 2, 3, 4, 6, 7]].max() < 1e-5
+
+
+def test_token_probe_writes_each_stage(five_sites, tmp_path):
+    out = tmp_path / "token-probe.json"
+    proc = run("token_probe.py", str(five_sites), "--config", "", "--steps", "1", "--lesion-share", "0.01",
+               "--overrides", "model.vision.img_size=[16,32,32] train.batch_size=2", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["stage"] for r in data["stages"]] == ["voxels", "voxel quantiles", "embedding", "block 1", "block 2",
+                                                     "block 3"]
+    assert data["head"] and "the tower's own head" in proc.stdout and "| stage |" in proc.stdout
+    assert sum(data["lesion_tokens"].values()) > 0

@@ -268,3 +268,14 @@ def test_site_batches_never_mix_sites_and_cover_them_in_proportion():
     assert list(again) == passes[0]  # ... reproducible for a seed
     with pytest.raises(ValueError, match="no site has a full batch"):
         SiteBatchSampler([3, 2], 4)
+
+
+def test_sequences_choose_a_studys_scans_and_a_study_without_them_keeps_every_scan(site):
+    every = SiteDataset(site, DataConfig(), IMG, split="train")
+    chosen = SiteDataset(site, DataConfig(sequences=["T2"]), IMG, split="train")
+    s1, s1_every = chosen[0][0], every[0][0]  # T1 and T2: the T2 alone, in training and evaluation
+    assert s1.shape[0] == 1 and torch.equal(s1[0], s1_every[1])
+    assert torch.equal(chosen[1][0], every[1][0])  # the CT study holds no T2: its CT is read
+    assert torch.equal(chosen[2][0], every[2][0])  # s4's T1 (its broken scan still skipped)
+    train = SiteDataset(site, DataConfig(sequences=["T2"], train_scans=2), IMG, split="train", train=True)
+    assert all(torch.equal(x, s1_every[1]) for x in train[0][0])  # scan sampling draws from the T2 only
