@@ -162,10 +162,11 @@ class Consortium:
 
 
 def keep_sequences(dataset: SiteDataset, sequences: list[str]) -> None:
-    """Keeps only the scans of ``sequences`` in ``dataset``, and the studies that hold one."""
+    """Keeps only the scans of ``sequences`` in ``dataset``, and the studies that hold one; a scan
+    without a sequence (a CT series) is named by its modality."""
     entries = []
     for entry in dataset.entries:
-        scans = [scan for scan in entry["scans"] if scan.get("sequence") in sequences]
+        scans = [scan for scan in entry["scans"] if (scan.get("sequence") or scan.get("modality")) in sequences]
         if scans:
             entries.append({**entry, "scans": scans})
     if not entries:

@@ -153,3 +153,17 @@ def test_a_choice_of_sequences_keeps_those_scans_and_the_studies_that_hold_one(t
         Consortium(root, cfg, sequences=["DWI"])
     assert "\n" not in str(err.value) and "site0" in str(err.value)
     assert {s["sequence"] for e in Consortium(root, cfg).train["site0"].entries for s in e["scans"]} == {"FLAIR", "T1"}
+
+
+def test_a_scan_without_a_sequence_is_chosen_by_its_modality():
+    """A CT series has no sequence: ``CT`` among the sequences keeps it, beside the MR ones named."""
+    from types import SimpleNamespace
+
+    from simulations.compare import keep_sequences
+
+    ct = {"path": "ct", "modality": "CT", "sequence": None}
+    flair, t1 = ({"path": s, "modality": "MR", "sequence": s} for s in ("FLAIR", "T1"))
+    dataset = SimpleNamespace(site="site", entries=[{"study_id": "a", "scans": [ct]}, {"study_id": "b", "scans": [t1]},
+                                                    {"study_id": "c", "scans": [t1, flair]}])
+    keep_sequences(dataset, ["FLAIR", "CT"])
+    assert dataset.entries == [{"study_id": "a", "scans": [ct]}, {"study_id": "c", "scans": [flair]}]
