@@ -5,17 +5,18 @@
 The supervised references find that HLIP's tower, told the labels, does not rank the MR lesions even
 on its own scanners. This benchmark asks where the lesion is lost. It reads every study of the
 kept sites (training and site test) and of the held-out set, and gives each patch token a label
-from the phantom's truth masks: a lesion token when at least ``--lesion-share`` of the patch lies
-in the finding's mask, a normal token when none of it does. At each stage of the tower it fits one
-logistic regression per finding on the training studies' tokens and reports:
+from the phantom's truth masks, resampled as the scans are (every scan of a study shares its
+study's mask): a lesion token when at least ``--lesion-share`` of the patch lies in the finding's
+mask, a normal token when none of it does. At each stage of the tower it fits one logistic
+regression per finding on the training studies' tokens and reports:
 
-* token AUC on the held-out studies: is the lesion linearly readable from one token at this stage?
-* study AUC from the highest token score of a study (what max pooling of a perfect token detector
-  gives): within each site on its own test studies, and on the held-out studies.
+* token AUC on the site-test studies: is the lesion linearly readable from one token at this stage?
+* study AUC from the highest token score of a study (what max pooling would give, had the tower
+  learned this probe): within each site on its own test studies, and on the held-out studies.
 
-The stages are the patch's voxels (averaged to 4 x 4 x 4 values, no learned weights), the patch
-embedding with its position embeddings, and the output of every block (the last one after the
-final norm, which is what the tower pools). The tower is first trained ``--steps`` steps on the
+The stages are the patch's voxels (averaged to 4 x 4 x 4 values) and their quantiles, neither
+with a learned weight; the patch embedding with its position embeddings; the output of every
+block (the last one after the final norm, which is what the tower pools). The tower is first trained ``--steps`` steps on the
 labels, as ``benchmarks/pretraining.py --objective supervised`` trains it (0: the tower as
 initialised); its own head is scored beside the probes. Token labels reach only the probes,
 never the tower: a stage where the probe reads a lesion that the head does not rank is one the
@@ -108,13 +109,13 @@ def read_tokens(visual, dataset, masks_dir: Path, img_size) -> list[dict]:
     """For every study of ``dataset``: its id, site, tokens per stage and lesion share per token."""
     import numpy as np
 
-    from hlip_fed.synth.probe import _model_masks
+    from hlip_fed.synth.probe import model_masks
 
     visual.eval()
-    studies = []
+    plain, studies = dataset.evaluation_view(), []
     for entry in dataset.entries:
-        images = dataset.evaluation_view().load_study(entry)[0]
-        masks = _model_masks(masks_dir / dataset.site.name / f"{entry['study_id']}.nii.gz", img_size, dataset.data_cfg)
+        images = plain.load_study(entry)[0]
+        masks = model_masks(masks_dir / dataset.site.name / f"{entry['study_id']}.nii.gz", img_size, dataset.data_cfg)
         n_tokens = visual.tokens_per_scan
         shares = {f: np.tile(patch_shares(masks[f], visual.cfg.patch_size), images.shape[0]) if f in masks
                   else np.zeros(n_tokens * images.shape[0], dtype=np.float32) for f in LESIONS}
@@ -163,7 +164,7 @@ def probe_scores(clf, studies: list[dict], stage: str, finding: str, lesion_shar
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, steps=600, every=600)
-    parser.add_argument("--lesion-share", type=float, default=0.3,
+    parser.add_argument("--lesion-share", type=float, default=0.1,
                         help="share of a patch inside a lesion's mask for its token to count as a lesion token")
     args = parser.parse_args(argv)
 
@@ -212,14 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row[f"token_{f}"], test_high = probe_scores(clf, test, stage, f, args.lesion_share)
             _, held_high = probe_scores(clf, held, stage, f, args.lesion_share)
-            for name, high, score in (("site", test_high, None), ("held", held_high, None)):
-                ids = list(high)
-                column = np.array([[high[i]] for i in ids])
-                if name == "site":
-                    score = within_site_aucs(ids, column, cons.site_labels, [f])
-                else:
-                    score = aucs(ids, column, cons.labels, [f])
-                row[f"{name}_{f}"] = score[f"auc-{f}"]
+            ids, column = list(test_high), np.array([[v] for v in test_high.values()])
+            row[f"site_{f}"] = within_site_aucs(ids, column, cons.site_labels, [f])[f"auc-{f}"]
+            ids, column = list(held_high), np.array([[v] for v in held_high.values()])
+            row[f"held_{f}"] = aucs(ids, column, cons.labels, [f])[f"auc-{f}"]
         rows.append(row)
         print(f"{stage}: " + " ".join(f"{f} {row.get(f'site_{f}', float('nan')):.2f}" for f in lesions),
               file=sys.stderr, flush=True)

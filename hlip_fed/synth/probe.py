@@ -179,7 +179,7 @@ def format_result(result: dict) -> str:
 FOCAL = ("mass", "haemorrhage", "infarct")
 
 
-def _model_masks(path: Path, img_size, data_cfg) -> dict[str, np.ndarray]:
+def model_masks(path: Path, img_size, data_cfg) -> dict[str, np.ndarray]:
     """Each focal finding's truth mask (bit ``FINDINGS.index(f)``) resampled like the scans."""
     img = nib.load(str(path))
     bits = np.asarray(img.dataobj).astype(np.uint8)
@@ -209,7 +209,7 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     contrast: dict[tuple[str, str], list[float]] = {}
     for r in load_records(root, cohort):
-        masks = _model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size, cfg)
+        masks = model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size, cfg)
         normal = not any(r["labels"][f] for f in FOCAL)
         for scan in r["scans"]:
             x = unit_intensity(preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg,
