@@ -42,13 +42,20 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 NEGATIVE_TOKENS = 30000  # normal training tokens the probes see (a random subset)
 
 
+def patch_rows(volume, patch_size):
+    """The voxels of each patch of ``volume`` [D, H, W] (a tensor), one row per patch in the tower's
+    token order (as its patch embedding cuts a scan): ``[S * T, prod(patch_size)]``."""
+    (pd, ph, pw), (d, h, w) = patch_size, volume.shape
+    gd, gh, gw = d // pd, h // ph, w // pw
+    blocks = volume[: gd * pd, : gh * ph, : gw * pw].reshape(gd, pd, gh, ph, gw, pw)
+    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(gd * gh * gw, -1)
+
+
 def patch_shares(mask, patch_size) -> "np.ndarray":
     """Share of each patch's voxels inside ``mask`` [D, H, W], in the tower's token order [S * T]."""
     import torch
-    import torch.nn.functional as F
 
-    m = torch.from_numpy(mask.astype("float32"))[None, None]
-    return F.avg_pool3d(m, tuple(patch_size)).flatten().numpy()
+    return patch_rows(torch.from_numpy(mask.astype("float32")), patch_size).mean(1).numpy()
 
 
 def patch_voxels(x, patch_size) -> "np.ndarray":
@@ -56,10 +63,7 @@ def patch_voxels(x, patch_size) -> "np.ndarray":
     import torch.nn.functional as F
 
     pooled = F.avg_pool3d(x[None], VOXEL_POOL)[0, 0]  # [D', H', W']
-    pd, ph, pw = (p // v for p, v in zip(patch_size, VOXEL_POOL))
-    gd, gh, gw = (s // p for s, p in zip(pooled.shape, (pd, ph, pw)))
-    blocks = pooled[: gd * pd, : gh * ph, : gw * pw].reshape(gd, pd, gh, ph, gw, pw)
-    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(gd * gh * gw, -1).numpy()
+    return patch_rows(pooled, [p // v for p, v in zip(patch_size, VOXEL_POOL)]).numpy()
 
 
 def patch_quantiles(x, patch_size) -> "np.ndarray":
@@ -69,11 +73,7 @@ def patch_quantiles(x, patch_size) -> "np.ndarray":
     no weighted sum of the voxels (the patch embedding) computes."""
     import torch
 
-    (pd, ph, pw), (d, h, w) = patch_size, x.shape[-3:]
-    gd, gh, gw = d // pd, h // ph, w // pw
-    patches = x[0, : gd * pd, : gh * ph, : gw * pw].reshape(gd, pd, gh, ph, gw, pw)
-    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(gd * gh * gw, -1)
-    return torch.quantile(patches, torch.tensor(QUANTILES), dim=1).T.numpy()
+    return torch.quantile(patch_rows(x[0], patch_size), torch.tensor(QUANTILES), dim=1).T.numpy()
 
 
 def stage_tokens(visual, images) -> dict[str, "np.ndarray"]:
@@ -86,16 +86,16 @@ def stage_tokens(visual, images) -> dict[str, "np.ndarray"]:
     n = images.shape[0]
     out = {"voxels": np.stack([patch_voxels(x, visual.cfg.patch_size) for x in images]),
            "voxel quantiles": np.stack([patch_quantiles(x, visual.cfg.patch_size) for x in images])}
-    captured = []
-    hooks = [b.register_forward_hook(lambda _m, _i, y: captured.append(y)) for b in visual.blocks]
+    captured = []  # the first block's input (the embedded tokens), then every block's output
+    hooks = [visual.blocks[0].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))]
+    hooks += [b.register_forward_hook(lambda _m, _i, y: captured.append(y)) for b in visual.blocks]
     try:
         with torch.no_grad():
-            mask = torch.ones(1, n, dtype=torch.bool)
-            out["embedding"] = visual.embed(images[None], mask).reshape(n, -1, visual.cfg.width).numpy()
-            visual(images[None], mask)
+            visual(images[None], torch.ones(1, n, dtype=torch.bool))
     finally:
         for h in hooks:
             h.remove()
+    out["embedding"] = captured.pop(0)[:, 1:].reshape(n, -1, visual.cfg.width).numpy()
     for i, y in enumerate(captured):
         tokens = y[:, 1:].reshape(n, -1, y.shape[-1])  # scan windows [N, 1 + L, C]; study [1, 1 + N L, C]
         if i == len(captured) - 1:
