@@ -62,8 +62,9 @@ class VisionConfig:
     # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
     # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. A small
     # tower trained on little data fits much faster with max pooling than through the CLS token,
-    # whose attention starts uniform (measured in docs/benchmarks.md, section 5).
-    pool: Literal["token", "max", "avg"] = "token"
+    # whose attention starts uniform (measured in docs/benchmarks.md, section 5). "avgmax" averages
+    # the two (timm's "avgmax"): a focal lesion's token and a whole-brain trait such as atrophy.
+    pool: Literal["token", "max", "avg", "avgmax"] = "token"
     # Position embeddings: "sincos" computes them from the grid (not in the state dict); "stored"
     # keeps them in the state dict, as HLIP's released weights do (derived there from a 2D embedding,
     # so not the 3D sin-cos): an imported model keeps its own, and they travel with its weights.

@@ -120,7 +120,7 @@ def test_cls_split_copies_and_merge_averages_real_windows(tiny_cfg):
     torch.testing.assert_close(to_study[0], slabs.view(b, n, s, c)[0, :2].mean((0, 1)))
 
 
-@pytest.mark.parametrize("pool", ["token", "max", "avg"])
+@pytest.mark.parametrize("pool", ["token", "max", "avg", "avgmax"])
 @pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"], ["study"] * 3])
 def test_padded_study_has_the_same_embedding(tiny_cfg, levels, pool):
     m = vision(tiny_cfg, levels=levels, pool=pool)
@@ -135,7 +135,7 @@ def test_padded_study_has_the_same_embedding(tiny_cfg, levels, pool):
     torch.testing.assert_close(batched[1], alone4[0], atol=1e-5, rtol=1e-4)
 
 
-def test_pooled_embedding_is_the_max_or_mean_of_the_final_tokens(tiny_cfg):
+def test_pooled_embedding_is_the_max_mean_or_their_average_of_the_final_tokens(tiny_cfg):
     m = vision(tiny_cfg, pool="max")
     x = study(n=2, seed=5)
     captured = {}
@@ -145,7 +145,9 @@ def test_pooled_embedding_is_the_max_or_mean_of_the_final_tokens(tiny_cfg):
         tokens = m.norm(captured["x"][:, 1:])  # the last block is study-wide: one window
         torch.testing.assert_close(pooled[0], m.proj(tokens[0].amax(0)))
         m.cfg = dataclasses.replace(m.cfg, pool="avg")
-        torch.testing.assert_close(m(x)[0], m.proj(m.norm(captured["x"][:, 1:])[0].mean(0)))
+        torch.testing.assert_close(m(x)[0], m.proj(tokens[0].mean(0)))
+        m.cfg = dataclasses.replace(m.cfg, pool="avgmax")
+        torch.testing.assert_close(m(x)[0], m.proj((tokens[0].mean(0) + tokens[0].amax(0)) / 2))
 
 
 def test_sincos_embeddings_match_the_formula():

@@ -287,12 +287,15 @@ class HLIPVisionTransformer(nn.Module):
         return self.proj(self.pool_tokens(self.norm(x[:, 1:]).reshape(b, n, -1, c), scan_mask))
 
     def pool_tokens(self, tokens: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
-        """Max or mean of the patch tokens ``[B, N, L, C]`` of the real scans -> ``[B, C]``."""
+        """Max, mean or the average of both over the patch tokens ``[B, N, L, C]`` of the real scans
+        -> ``[B, C]``."""
         real = scan_mask[:, :, None, None]
+        largest = tokens.masked_fill(~real, torch.finfo(tokens.dtype).min).amax((1, 2))
         if self.cfg.pool == "max":
-            return tokens.masked_fill(~real, torch.finfo(tokens.dtype).min).amax((1, 2))
+            return largest
         count = (scan_mask.sum(1) * tokens.shape[2]).clamp_min(1)[:, None].to(tokens.dtype)
-        return (tokens * real).sum((1, 2)) / count
+        mean = (tokens * real).sum((1, 2)) / count
+        return mean if self.cfg.pool == "avg" else (mean + largest) / 2
 
     @property
     def tokens_per_scan(self) -> int:
