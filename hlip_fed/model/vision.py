@@ -290,12 +290,12 @@ class HLIPVisionTransformer(nn.Module):
         """Max, mean or the average of both over the patch tokens ``[B, N, L, C]`` of the real scans
         -> ``[B, C]``."""
         real = scan_mask[:, :, None, None]
-        largest = tokens.masked_fill(~real, torch.finfo(tokens.dtype).min).amax((1, 2))
+        largest = lambda: tokens.masked_fill(~real, torch.finfo(tokens.dtype).min).amax((1, 2))  # noqa: E731
         if self.cfg.pool == "max":
-            return largest
+            return largest()
         count = (scan_mask.sum(1) * tokens.shape[2]).clamp_min(1)[:, None].to(tokens.dtype)
         mean = (tokens * real).sum((1, 2)) / count
-        return mean if self.cfg.pool == "avg" else (mean + largest) / 2
+        return mean if self.cfg.pool == "avg" else (mean + largest()) / 2
 
     @property
     def tokens_per_scan(self) -> int:
