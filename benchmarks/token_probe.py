@@ -45,10 +45,9 @@ NEGATIVE_TOKENS = 30000  # normal training tokens the probes see (a random subse
 def patch_rows(volume, patch_size):
     """The voxels of each patch of ``volume`` [D, H, W] (a tensor), one row per patch in the tower's
     token order (as its patch embedding cuts a scan): ``[S * T, prod(patch_size)]``."""
-    (pd, ph, pw), (d, h, w) = patch_size, volume.shape
-    gd, gh, gw = d // pd, h // ph, w // pw
-    blocks = volume[: gd * pd, : gh * ph, : gw * pw].reshape(gd, pd, gh, ph, gw, pw)
-    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(gd * gh * gw, -1)
+    from hlip_fed.model.vision import cut_patches
+
+    return cut_patches(volume, patch_size).flatten(0, 1)
 
 
 def patch_shares(mask, patch_size) -> "np.ndarray":

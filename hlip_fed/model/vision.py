@@ -96,6 +96,15 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def cut_patches(x: torch.Tensor, patch_size) -> torch.Tensor:
+    """The voxels of each whole patch of ``x`` ``[..., D, H, W]`` in the tower's token order:
+    ``[..., gd, gh*gw, pd*ph*pw]`` (voxels beyond a whole patch are dropped, as a Conv3d drops them)."""
+    (pd, ph, pw), (d, h, w) = patch_size, x.shape[-3:]
+    gd, gh, gw = d // pd, h // ph, w // pw
+    blocks = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(-1, gd, pd, gh, ph, gw, pw)
+    return blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(*x.shape[:-3], gd, gh * gw, pd * ph * pw)
+
+
 class PatchEmbed3D(nn.Module):
     """HLIP's patch embedding, a Conv3d with stride = kernel over every scan:
     ``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, C]``.
@@ -111,11 +120,8 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(1, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[:2]
-        (pd, ph, pw), (d, h, w) = self.patch_size, x.shape[-3:]
-        gd, gh, gw = d // pd, h // ph, w // pw
-        x = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(b, n, gd, pd, gh, ph, gw, pw)
-        patches = x.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, n, gd, gh * gw, pd * ph * pw)
+        patches = cut_patches(x, self.patch_size)
+        patches = patches.reshape(*x.shape[:2], *patches.shape[-3:])  # [B, N, gd, gh*gw, P], channel axis dropped
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
