@@ -279,3 +279,21 @@ def test_sequences_choose_a_studys_scans_and_a_study_without_them_keeps_every_sc
     assert torch.equal(chosen[2][0], every[2][0])  # s4's T1 (its broken scan still skipped)
     train = SiteDataset(site, DataConfig(sequences=["T2"], train_scans=2), IMG, split="train", train=True)
     assert all(torch.equal(x, s1_every[1]) for x in train[0][0])  # scan sampling draws from the T2 only
+
+
+def test_inference_reads_the_sequences_a_model_was_trained_on(site):
+    """``predict``, ``retrieve``, ``finetune`` and ``explain`` read a study's scans as training did:
+    with ``data.sequences`` set, the listed sequences (named by the manifest or the scans' sidecars)
+    and every scan of a study that holds none of them."""
+    from hlip_fed.downstream.inference import find_studies, load_study_tensor
+
+    cfg = DataConfig(sequences=["T2"])
+    trained_on = SiteDataset(site, cfg, IMG, split="train")
+    manifest = write_manifest(index_site(site), site / "listed.jsonl")
+    for named in (site / "train" / "s1", site, manifest):  # a study folder, a site, a manifest
+        study = next(s for s in find_studies([named]) if s.study_id == "s1")
+        x, volumes = load_study_tensor(study, cfg, IMG)
+        assert len(volumes) == 1 and torch.equal(x, trained_on[0][0])  # the T2 alone
+    ct = find_studies([site / "train" / "s2"])[0]
+    assert torch.equal(load_study_tensor(ct, cfg, IMG)[0], trained_on[1][0])  # no T2: its CT is read
+    assert load_study_tensor(find_studies([site / "train" / "s1"])[0], DataConfig(), IMG)[0].shape[0] == 2

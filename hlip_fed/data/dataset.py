@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hlip_fed.data.cache import TensorCache
 from hlip_fed.data.errors import DataError
-from hlip_fed.data.manifest import load_site, read_report
+from hlip_fed.data.manifest import chosen_scans, load_site, read_report
 from hlip_fed.data.preprocess import lr_axis, preprocess
 from hlip_fed.data.readers import read_scan
 
@@ -91,15 +91,10 @@ class SiteDataset(Dataset):
         tensor, meta = self.cache.load(path, compute) if self.cache is not None else compute()
         return tensor, int(meta["lr_axis"])
 
-    def chosen_scans(self, entry: dict) -> list[dict]:
-        """The scans of ``entry`` whose sequence ``data.sequences`` lists, or all when it lists none of them."""
-        chosen = [scan for scan in entry["scans"] if scan.get("sequence") in self.data_cfg.sequences]
-        return chosen or entry["scans"]
-
     def load_study(self, entry: dict) -> tuple[torch.Tensor, str, str]:
         """Raises DataError when the study has no usable report or no readable scan."""
         report = read_report(entry, self.site)
-        candidates = self.chosen_scans(entry)
+        candidates = chosen_scans(entry["scans"], self.data_cfg.sequences)
         if self.train_scans:
             candidates = [candidates[i] for i in torch.randperm(len(candidates)).tolist()]
         scans, axes, reasons = [], [], []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from hlip_fed.atomic import write_bytes_atomic
 from hlip_fed.data.dicom import list_dicom_files, read_header
@@ -35,13 +35,29 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _sidecar_or_nothing(path: Path) -> dict[str, Any]:
+    try:
+        return read_sidecar(path)
+    except DataError:
+        return {}  # reported by site check, which reads the sidecar again
+
+
+def scan_sequence(path: Path) -> str | None:
+    """The sequence a scan's sidecar names (``T1``, ``FLAIR``, ...), None for none or an unreadable one."""
+    return _sidecar_or_nothing(path).get("sequence")
+
+
+def chosen_scans(scans: list[dict], sequences: Sequence[str]) -> list[dict]:
+    """The scan entries whose ``sequence`` ``sequences`` lists, or every entry when it lists none of
+    them (a CT study, an MR study without such a sequence) or is empty (``data.sequences``)."""
+    chosen = [scan for scan in scans if scan.get("sequence") in sequences]
+    return chosen or scans
+
+
 def _scan_entry(path: Path, site: Path) -> dict[str, Any]:
     fmt = "nifti" if is_nifti_path(path) else ("dicom-series" if path.is_dir() else "dicom")
     entry = {"path": path.relative_to(site).as_posix(), "format": fmt, "modality": None, "sequence": None}
-    try:
-        side = read_sidecar(path)
-    except DataError:
-        side = {}  # reported by site check, which reads the sidecar again
+    side = _sidecar_or_nothing(path)
     entry["modality"] = side.get("modality")
     entry["sequence"] = side.get("sequence")
     if entry["modality"] is None and fmt != "nifti":

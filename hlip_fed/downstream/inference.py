@@ -31,7 +31,8 @@ from hlip_fed.data.dataset import collate_studies
 from hlip_fed.data.dicom import is_dicom_file
 from hlip_fed.data.errors import DataError
 from hlip_fed.data.files import DICOM_SUFFIXES, is_nifti_path, scan_stem
-from hlip_fed.data.manifest import MANIFEST_NAME, REPORT_NAME, SPLITS, load_site, read_manifest, read_report
+from hlip_fed.data.manifest import (MANIFEST_NAME, REPORT_NAME, SPLITS, chosen_scans, load_site, read_manifest,
+                                    read_report, scan_sequence)
 from hlip_fed.data.preprocess import preprocess
 from hlip_fed.data.readers import read_scan
 from hlip_fed.errors import HlipError
@@ -51,6 +52,15 @@ class Study:
     report: str | None = None
     split: str | None = None
     meta: dict = field(default_factory=dict)
+    sequences: dict[Path, str | None] = field(default_factory=dict)  # what a manifest names; else the sidecars
+
+    def chosen_scans(self, sequences) -> list[Path]:
+        """The scans training reads with ``data.sequences`` = ``sequences`` (see
+        :func:`~hlip_fed.data.manifest.chosen_scans`): every scan when it is empty."""
+        if not sequences:
+            return self.scans
+        entries = [{"path": p, "sequence": self.sequences.get(p) or scan_sequence(p)} for p in self.scans]
+        return [e["path"] for e in chosen_scans(entries, sequences)]
 
 
 # --- finding studies -------------------------------------------------------------------------
@@ -84,7 +94,8 @@ def _studies_from_manifest(path: Path, site: Path) -> list[Study]:
             report = None
         scans = [site / s["path"] for s in entry.get("scans", [])]
         out.append(Study(entry["study_id"], scans, path, report=report, split=entry.get("split"),
-                         meta={"labels": entry.get("labels")} if entry.get("labels") else {}))
+                         meta={"labels": entry.get("labels")} if entry.get("labels") else {},
+                         sequences={site / s["path"]: s.get("sequence") for s in entry.get("scans", [])}))
     return out
 
 
@@ -180,14 +191,15 @@ def load_model(model_dir: str | os.PathLike):
 
 
 def load_study_tensor(study: Study, data_cfg, img_size) -> tuple[torch.Tensor, list]:
-    """``[N, 1, D, H, W]`` for the first ``data_cfg.max_scans`` readable scans, and their Volumes.
+    """``[N, 1, D, H, W]`` for the first ``data_cfg.max_scans`` readable scans of those
+    ``data_cfg.sequences`` chooses, as in training, and their Volumes.
 
     The volumes are returned too because explanations are drawn on the scan as it was read.
     Raises :class:`DataError` when no scan of the study can be read.
     """
 
     tensors, volumes, reasons = [], [], []
-    for path in study.scans:
+    for path in study.chosen_scans(data_cfg.sequences):
         if len(tensors) >= int(data_cfg.max_scans):
             break
         try:
