@@ -52,14 +52,15 @@ class Study:
     report: str | None = None
     split: str | None = None
     meta: dict = field(default_factory=dict)
-    sequences: dict[Path, str | None] = field(default_factory=dict)  # what a manifest names; else the sidecars
+    sequences: dict[Path, str | None] = field(default_factory=dict)  # a manifest's, else read from the sidecars
 
     def chosen_scans(self, sequences) -> list[Path]:
         """The scans training reads with ``data.sequences`` = ``sequences`` (see
         :func:`~hlip_fed.data.manifest.chosen_scans`): every scan when it is empty."""
         if not sequences:
             return self.scans
-        entries = [{"path": p, "sequence": self.sequences.get(p) or scan_sequence(p)} for p in self.scans]
+        entries = [{"path": p, "sequence": self.sequences[p] if p in self.sequences else scan_sequence(p)}
+                   for p in self.scans]
         return [e["path"] for e in chosen_scans(entries, sequences)]
 
 
