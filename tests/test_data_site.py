@@ -297,3 +297,9 @@ def test_inference_reads_the_sequences_a_model_was_trained_on(site):
     ct = find_studies([site / "train" / "s2"])[0]
     assert torch.equal(load_study_tensor(ct, cfg, IMG)[0], trained_on[1][0])  # no T2: its CT is read
     assert load_study_tensor(find_studies([site / "train" / "s1"])[0], DataConfig(), IMG)[0].shape[0] == 2
+    entries = index_site(site)
+    for scan in next(e for e in entries if e["study_id"] == "s1")["scans"]:
+        scan["sequence"] = None  # the manifest, not the sidecar, says what a listed scan is
+    unnamed = write_manifest(entries, site / "unnamed.jsonl")
+    study = next(s for s in find_studies([unnamed]) if s.study_id == "s1")
+    assert load_study_tensor(study, cfg, IMG)[0].shape[0] == 2
