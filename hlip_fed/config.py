@@ -93,11 +93,15 @@ class TextConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["clip", "siglip"] = "clip"  # "clip" is InfoNCE
+    # "clip" is InfoNCE; "masked" trains the vision tower on the scans alone (no report), by masked
+    # image modelling (hlip_fed/model/masked.py): a run whose model a contrastive run starts from
+    name: Literal["clip", "siglip", "masked"] = "clip"
     init_logit_scale: float | None = None  # default: ln(1/0.07) for CLIP, ln(10) for SigLIP
     init_logit_bias: float = -10.0  # SigLIP only
     max_logit_scale: float = 4.605170185988092  # ln(100), CLIP's clamp
     target_temperature: float = 0.0  # CLIP only: > 0 targets the reports' own similarities (loss.py)
+    mask_ratio: float = 0.6  # masked only: the fraction of each scan's patches hidden
+    norm_pix: bool = False  # masked only: each hidden patch's voxels normalised to mean 0, variance 1
 
 
 @dataclass
@@ -385,6 +389,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.stem=conv needs power-of-two patch sizes, not {list(v.patch_size)}")
     if cfg.model.loss.target_temperature < 0 or (cfg.model.loss.target_temperature and cfg.model.loss.name != "clip"):
         raise ConfigError("model.loss.target_temperature must be >= 0, and is for model.loss.name=clip only")
+    if not 0.0 < cfg.model.loss.mask_ratio < 1.0:
+        raise ConfigError("model.loss.mask_ratio must be in (0, 1)")
     fed = cfg.federation
     if fed.max_update_ratio < 0 or (0 < fed.max_update_ratio <= 1):
         raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")

@@ -191,10 +191,15 @@ def heldout_metrics(model: HLIP, tok, cons: Consortium, dataset=None, labels=Non
 
 
 @torch.no_grad()
-def contrastive_loss(model: HLIP, tok, loader) -> float:
+def validation_loss(model: HLIP, tok, loader) -> float:
+    """The mean loss of the model's own objective over ``loader`` (contrastive, or masked image
+    modelling for a ``masked`` model)."""
     model.eval()
     losses = []
     for images, mask, reports, _ in loader:
+        if model.masked is not None:
+            losses.append(model.masked_loss(images, mask).item())
+            continue
         out = model(images, mask, **tok(reports))
         losses.append(model.loss(out["image"], out["text"]).item())
     return float(np.mean(losses)) if losses else math.inf
@@ -218,7 +223,7 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
         done += train_steps(model, tok, batches, cfg.train, n, optimizer=opt, start_step=done, total_steps=steps,
                             text_cache=text_cache).steps
         if val is not None:
-            loss = contrastive_loss(model, tok, cons.loader(val))
+            loss = validation_loss(model, tok, cons.loader(val))
             if loss < best:
                 best, best_state = loss, copy.deepcopy(model.state_dict())
     if best_state is not None:

@@ -32,6 +32,7 @@ CASES = {
     "fedadam": ["federation.strategy=fedadam", "federation.rounds=2", "federation.server_lr=0.01"],
     "dp": ["federation.strategy=fedavg", "federation.rounds=2", "federation.dp=server_fixed",
            "federation.dp_noise_multiplier=0.5", "federation.dp_clipping_norm=1.0"],
+    "masked": ["federation.strategy=fedavg", "federation.rounds=2", "model.loss.name=masked"],
 }
 # Keys of a round record that measure time or the machine rather than what was computed.
 VOLATILE = ("seconds", "timing", "started", "_s", "time")

@@ -1,7 +1,7 @@
 """Parameter groups: the named slices of HLIP's state dict that a federation averages.
 
 The default federates the hierarchical vision encoder (patch embedding, CLS token, blocks, norm,
-vision projection), the text projection and the temperature (plus SigLIP's bias). The text encoder
+vision projection, and the masked image modelling head of a ``masked`` run), the text projection and the temperature (plus SigLIP's bias). The text encoder
 is federated only when it is trained (``text.lock=false``) and asked for: a locked encoder is the
 same pretrained file at every site and never travels.
 """
@@ -20,7 +20,7 @@ from hlip_fed.errors import HlipError
 from hlip_fed.model.hlip import HLIP
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "vision": ("visual.",),
+    "vision": ("visual.", "masked."),
     "text_proj": ("text.proj.",),
     "logit": ("logit_scale", "logit_bias"),
     "text_encoder": ("text.encoder.",),

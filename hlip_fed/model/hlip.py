@@ -21,6 +21,7 @@ from torch import nn
 from hlip_fed.config import ModelConfig, section_from_yaml
 from hlip_fed.errors import HlipError
 from hlip_fed.model.loss import clip_loss, siglip_loss
+from hlip_fed.model.masked import MaskedImageHead
 from hlip_fed.model.text import TextEncoder
 from hlip_fed.model.vision import HLIPVisionTransformer
 
@@ -41,6 +42,7 @@ class HLIP(nn.Module):
             init = math.log(10.0) if siglip else math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(float(init)))
         self.logit_bias = nn.Parameter(torch.tensor(cfg.loss.init_logit_bias)) if siglip else None
+        self.masked = MaskedImageHead(cfg.vision, cfg.loss) if cfg.loss.name == "masked" else None
 
     def encode_image(self, images: torch.Tensor, scan_mask: torch.Tensor | None = None, normalize: bool = True):
         x = self.visual(images, scan_mask)
@@ -60,6 +62,12 @@ class HLIP(nn.Module):
         if self.logit_bias is not None:
             return siglip_loss(image, text, self.logit_scale, self.logit_bias)
         return clip_loss(image, text, self.logit_scale, self.cfg.loss.target_temperature)
+
+    def masked_loss(self, images: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked image modelling on a batch of studies, no report (``model.loss.name: masked``)."""
+        if self.masked is None:
+            raise HlipError(f"model.loss.name is {self.cfg.loss.name}: the model has no masked image modelling head")
+        return self.masked(self.visual, images, scan_mask)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -229,9 +229,13 @@ class HLIPVisionTransformer(nn.Module):
         return x if rows is None else x.new_zeros(total, *x.shape[1:]).index_copy(0, rows, x)
 
     # --- forward ----------------------------------------------------------------------------
-    def embed(self, images: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with position embeddings, ``[B, N, S, T, C]``."""
+    def embed(self, images: torch.Tensor, scan_mask: torch.Tensor, hidden: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with position embeddings, ``[B, N, S, T, C]``; where ``hidden [B, N, S, T]``
+        is True, the patch's embedding is ``mask_token`` instead (masked image modelling)."""
         x = self.patch_embed(images)
+        if hidden is not None:
+            x = torch.where(hidden[..., None], mask_token.to(x.dtype), x)
         b, n, s, t, c = x.shape
         grid = tuple(g // p for g, p in zip(images.shape[-3:], self.patch_embed.patch_size))
         spatial = resample_3d(self.pos_spatial, grid).reshape(s, t, c)
@@ -256,12 +260,32 @@ class HLIPVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``images [B, N, 1, D, H, W]``, ``scan_mask [B, N]`` (True = real scan) -> ``[B, embed_dim]``."""
+        scan_mask = self.real_scans(images, scan_mask)
+        cls, tokens = self.forward_tokens(images, scan_mask)
+        if self.cfg.pool == "token":
+            return self.proj(self.norm(cls))
+        return self.proj(self.pool_tokens(self.norm(tokens), scan_mask))
+
+    @staticmethod
+    def real_scans(images: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:
+        """``scan_mask``, or every scan real when it is None; refuses images of the wrong shape."""
         if images.ndim != 6 or images.shape[2] != 1:
             raise ValueError(f"expected images [B, N_scans, 1, D, H, W], got {list(images.shape)}")
-        b, n = images.shape[:2]
         if scan_mask is None:
-            scan_mask = torch.ones(b, n, dtype=torch.bool, device=images.device)
-        tokens = self.drop_patches(self.embed(images, scan_mask))
+            return torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+        return scan_mask
+
+    def forward_tokens(self, images: torch.Tensor, scan_mask: torch.Tensor, hidden: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The study's CLS token ``[B, C]`` (its copies merged) and its patch tokens ``[B, N, S*T, C]``
+        after the last block, before the final norm; a padded scan's tokens are zero.
+
+        ``hidden``/``mask_token`` replace patch embeddings (:meth:`embed`); patch dropout is then
+        off, so every patch keeps its place."""
+        b, n = images.shape[:2]
+        tokens = self.embed(images, scan_mask, hidden, mask_token)
+        if hidden is None:
+            tokens = self.drop_patches(tokens)
         _, _, s, t, c = tokens.shape
         weights = scan_mask.to(tokens.dtype)
         # Keys of padded scans are hidden from study-level attention (CLS always visible).
@@ -287,10 +311,8 @@ class HLIPVisionTransformer(nn.Module):
             else:
                 x = block(x, mask)
         x = self._all_windows(x, rows, b * windows_per_study(level, n, s))
-        if self.cfg.pool == "token":
-            cls = self._regroup_cls(x[:, :1], b, level, "study", n, s, weights)
-            return self.proj(self.norm(cls[:, 0]))
-        return self.proj(self.pool_tokens(self.norm(x[:, 1:]).reshape(b, n, -1, c), scan_mask))
+        cls = self._regroup_cls(x[:, :1], b, level, "study", n, s, weights)
+        return cls[:, 0], x[:, 1:].reshape(b, n, -1, c)
 
     def pool_tokens(self, tokens: torch.Tensor, scan_mask: torch.Tensor) -> torch.Tensor:
         """Max, mean or the average of both over the patch tokens ``[B, N, L, C]`` of the real scans

@@ -1,9 +1,10 @@
-"""Local contrastive training of HLIP: the steps one site (or the pooled baseline) runs.
+"""Local training of HLIP: the steps one site (or the pooled baseline) runs.
 
 ``train_steps`` is the single training loop of the project; centralised training, local-only
-baselines and every federated client call it. It supports gradient accumulation (bigger effective
-batches for InfoNCE at small sites), autocast, gradient clipping, CLIP's logit-scale clamp after each
-step, FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters, and a
+baselines and every federated client call it, for the contrastive objectives and for masked
+image modelling on the scans alone (``model.loss.name: masked``). It supports gradient
+accumulation (bigger effective batches for InfoNCE at small sites), autocast, gradient clipping,
+CLIP's logit-scale clamp after each step, FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters, and a
 cache of a locked text encoder's report features (:mod:`hlip_fed.model.text_cache`).
 """
 
@@ -131,7 +132,10 @@ def train_steps(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             images, scan_mask, reports, _ids = next(batches)
-            if text_cache is not None:
+            if model.masked is not None:  # the scans alone: no report is read
+                with autocast(cfg):
+                    loss = model.masked_loss(images.to(device), scan_mask.to(device))
+            elif text_cache is not None:
                 features = text_cache.features(reports, lambda r: _text_features(model, tokenizer, r, cfg, device))
                 with autocast(cfg):
                     image = model.encode_image(images.to(device), scan_mask.to(device))
@@ -146,7 +150,7 @@ def train_steps(
                 loss = loss + 0.5 * proximal_mu * sum((params[k] - w).pow(2).sum() for k, w in prox.items())
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            stats.examples += len(reports)
+            stats.examples += len(images)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training diverged: loss {step_loss} at step {start_step + i}")
         if cfg.grad_clip > 0:
