@@ -1,14 +1,14 @@
 """Does federation work? Pooled vs local-only vs FedAvg vs FedProx (and leave-one-site-out).
 
     python -m simulations.compare --data DIR --out OUT [--preset benchmark] [--config learning] [--seeds 3] [--overrides "..."] [--init MODEL_DIR]
-        [--sites a,b]
+        [--sites a,b] [--first-seed K]
 
 All methods get the same compute: batch size ``train.batch_size`` and a budget of
 ``T = federation.rounds * federation.local_steps * n_sites`` optimizer steps in total.
 
 * ``pooled``: one model trained centrally on the union of every site's training studies, T steps.
 * ``local``: each site alone, each given the full budget T, with early stopping on a validation
-  split carved from its own training studies (the contrastive loss, which needs no labels), so a
+  split carved from its own training studies (the run's own loss, which needs no labels), so a
   small site is not starved.
 * ``fedavg`` / ``fedprox``: the real ServerApp and ClientApp (in-process, see
   :mod:`simulations.inprocess`): every site runs ``local_steps`` per round.
@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                              "refused if that run's settings differ")
     parser.add_argument("--init", type=Path, help="a saved model folder every method starts from (federation.init)")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds FIRST .. FIRST+SEEDS-1 (e.g. one more seed of an earlier comparison)")
     parser.add_argument("--methods", default="pooled,local,fedavg,fedprox,loso",
                         help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--preset", default="demo", help="synth preset when --data must be generated")
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     per_seed = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         seed_cfg = load_config(files=[args.config] if args.config else [], overrides=overrides + [f"train.seed={seed}"])
         try:
             per_seed.append(run_seed(cons, seed_cfg, cfg_args, out / f"seed-{seed}", seed, methods, log, args.resume))
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(per_seed)
     fed = cfg.federation
     result = {
-        "data": str(data), "seeds": args.seeds, "sites": [s.name for s in cons.sites],
+        "data": str(data), "seeds": args.seeds, "first_seed": args.first_seed, "sites": [s.name for s in cons.sites],
         "budget_steps": fed.rounds * fed.local_steps * len(cons.sites), "batch_size": cfg.train.batch_size,
         "rounds": fed.rounds, "local_steps": fed.local_steps, **summary, "per_seed": per_seed,
     }

@@ -167,3 +167,21 @@ def test_a_scan_without_a_sequence_is_chosen_by_its_modality():
                                                     {"study_id": "c", "scans": [t1, flair]}])
     keep_sequences(dataset, ["FLAIR", "CT"])
     assert dataset.entries == [{"study_id": "a", "scans": [ct]}, {"study_id": "c", "scans": [flair]}]
+
+
+def test_a_later_seed_alone_and_a_masked_pretraining_stage(tmp_path):
+    """``--first-seed`` runs only the seeds asked for; a ``masked`` run trains the tower on the scans,
+    saves it, and a contrastive comparison starts from it (``--init``)."""
+    mini_consortium = write_mini_consortium(tmp_path / "consortium", heldout=15)
+    overrides = " ".join(shlex.quote(o) for o in FAST_RUN)
+    stage = tmp_path / "masked"
+    assert compare_main(["--data", str(mini_consortium), "--out", str(stage), "--config", "", "--methods", "pooled",
+                         "--overrides", overrides + " model.loss.name=masked", "--seeds", "1",
+                         "--first-seed", "1"]) == 0
+    assert not (stage / "seed-0").exists() and json.loads((stage / "results.json").read_text())["first_seed"] == 1
+    model = stage / "seed-1" / "pooled" / "model"
+    assert "name: masked" in (model / "config.yaml").read_text()
+    out = tmp_path / "clip"
+    assert compare_main(["--data", str(mini_consortium), "--out", str(out), "--config", "", "--methods", "pooled",
+                         "--overrides", overrides, "--init", str(model), "--first-seed", "1"]) == 0
+    assert 0.0 <= json.loads((out / "results.json").read_text())["pooled"]["zeroshot_auc_mean"] <= 1.0
