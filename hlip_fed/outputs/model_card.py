@@ -118,6 +118,9 @@ def departures_from_hlip(model_cfg) -> list[str]:
         out.append("text side: no projection; the joint space is the locked text encoder's own")
     if model_cfg.text.sections != "all":
         out.append("reports: only the findings and impression sections are read")
+    if model_cfg.loss.name == "masked":
+        out.append("objective: masked image modelling of the scans alone, no report: a tower for a contrastive run "
+                   "to start from; its zero-shot figures say nothing")
     return out
 
 
