@@ -1,9 +1,10 @@
 """Parameter groups: the named slices of HLIP's state dict that a federation averages.
 
 The default federates the hierarchical vision encoder (patch embedding, CLS token, blocks, norm,
-vision projection, and the masked image modelling head of a ``masked`` run), the text projection and the temperature (plus SigLIP's bias). The text encoder
-is federated only when it is trained (``text.lock=false``) and asked for: a locked encoder is the
-same pretrained file at every site and never travels.
+vision projection, and the masked image modelling head of a ``masked`` run), the text projection
+and the temperature (plus SigLIP's bias). The text encoder is federated only when it is trained
+(``text.lock=false``) and asked for: a locked encoder is the same pretrained file at every site
+and never travels.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 baselines and every federated client call it, for the contrastive objectives and for masked
 image modelling on the scans alone (``model.loss.name: masked``). It supports gradient
 accumulation (bigger effective batches for InfoNCE at small sites), autocast, gradient clipping,
-CLIP's logit-scale clamp after each step, FedProx's proximal term ``mu/2 * ||w - w_global||^2`` over the federated parameters, and a
-cache of a locked text encoder's report features (:mod:`hlip_fed.model.text_cache`).
+CLIP's logit-scale clamp after each step, FedProx's proximal term ``mu/2 * ||w - w_global||^2``
+over the federated parameters, and a cache of a locked text encoder's report features
+(:mod:`hlip_fed.model.text_cache`).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def train_steps(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             images, scan_mask, reports, _ids = next(batches)
-            if model.masked is not None:  # the scans alone: no report is read
+            if model.masked is not None:  # the scans alone: the batch's reports are not used
                 with autocast(cfg):
                     loss = model.masked_loss(images.to(device), scan_mask.to(device))
             elif text_cache is not None:
