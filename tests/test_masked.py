@@ -106,3 +106,12 @@ def test_the_head_travels_with_the_tower_and_a_contrastive_run_starts_from_it(ma
 def test_mask_ratio_outside_zero_one_is_refused():
     with pytest.raises(ConfigError, match="mask_ratio"):
         load_config("tiny", overrides=["model.loss.name=masked", "model.loss.mask_ratio=1.0"])
+
+
+def test_a_batch_with_no_hidden_patch_gives_a_zero_loss_not_nan(masked_cfg):
+    loss_cfg = dataclasses.replace(masked_cfg.model.loss, mask_ratio=1e-9)
+    model = create_model(dataclasses.replace(masked_cfg.model, loss=loss_cfg), seed=0)
+    images, _ = images_and_hidden()
+    loss = model.masked_loss(images)
+    loss.backward()
+    assert loss.item() == 0.0

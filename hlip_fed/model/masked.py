@@ -53,5 +53,7 @@ class MaskedImageHead(nn.Module):
         _, tokens = tower.forward_tokens(images, scan_mask, hidden, self.mask_token)
         scored = hidden.flatten(2) & scan_mask[:, :, None]
         predicted = self.decoder(tower.norm(tokens[scored]))
+        if not len(predicted):  # nothing hidden (a small ratio of few patches): nothing to learn
+            return predicted.sum()
         target = self.targets(images, tower.patch_embed.patch_size)[scored]
         return F.mse_loss(predicted.float(), target.float())
