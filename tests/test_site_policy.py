@@ -35,6 +35,7 @@ def test_the_default_policy_allows_the_bundled_presets_and_refuses_what_steers_a
         "model.text.name=someone/model": ["override model.text.name"],
         "federation.transport=${oc.env:SECRET}": ["interpolation"],
         "federation.proximal_mu=50": ["proximal_mu=50.0 is above"],
+        "model.loss.name=masked": ["model.loss.name='masked'"],  # a voxel decoder trained on the scans
     }
     for overrides, expected in cases.items():
         refused = check_run_config({"config": "demo", "overrides": overrides}, DEFAULT_POLICY)

@@ -17,6 +17,7 @@ default bounds as a whole)::
       model.text.lock: {choices: [true]}
       federation.groups: {subset: [vision, text_proj, logit]}
       federation.proximal_mu: {min: 0.0, max: 1.0}
+      model.loss.name: {choices: [clip, siglip]}   # not masked: its head decodes voxels
     max_evaluations: 200                   # evaluation messages per run
     max_prompts: 64                        # prompt phrasings per evaluation message
     max_prompt_chars: 200
@@ -24,7 +25,9 @@ default bounds as a whole)::
 
 The default (:data:`DEFAULT_POLICY`, used by a deployed site without a policy file) is what the
 bundled presets need and nothing more: the cache folder, the device and the text model stay the
-site's choice, updates average at least 4 studies x 5 steps, the text tower stays locked. Nothing
+site's choice, updates average at least 4 studies x 5 steps, the text tower stays locked, and no
+masked image modelling run (whose head, a decoder from tokens to voxels trained on the site's
+scans, would travel with the tower) is accepted unless the site's bounds allow it. Nothing
 the server sends may contain OmegaConf interpolation (``${``): it would read the site's
 environment and files. A simulation applies a policy only when its site has one.
 """
@@ -67,6 +70,7 @@ class SitePolicy:
         "federation.groups": {"subset": ["vision", "text_proj", "logit"]},
         "federation.proximal_mu": {"min": 0.0, "max": 1.0},
         "federation.transport": {"choices": ["fp32", "fp16", "bf16"]},
+        "model.loss.name": {"choices": ["clip", "siglip"]},
     })
     max_evaluations: int = 200
     max_prompts: int = 64
