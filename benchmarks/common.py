@@ -18,11 +18,15 @@ import psutil
 def machine() -> dict:
     import torch
 
+    from hlip_fed.training.train import native_bf16
+
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest vector kernels torch runs here
+        "bf16_native": native_bf16(),
         "memory_gb": round(total / 2**30, 1) if (total := mem_total_bytes()) else None,
     }
     try:

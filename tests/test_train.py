@@ -80,3 +80,33 @@ def test_optimizer_skips_decay_on_norms_and_frozen_weights(small_cfg):
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[i].endswith("weight") for i in decayed)
     assert not any(names[i].startswith("text.encoder") for g in opt.param_groups for i in map(id, g["params"]))
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(small_cfg, monkeypatch):
+    from hlip_fed.training.train import emulated_precision
+
+    bf16 = dataclasses.replace(small_cfg.train, precision="bf16")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert "bf16 instructions" in emulated_precision(bf16)
+    assert emulated_precision(small_cfg.train) is None  # fp32 runs natively everywhere
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert emulated_precision(bf16) is None
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
+    assert emulated_precision(bf16) is None
+
+
+def test_a_site_asked_for_emulated_bf16_says_so_in_its_log(mini_consortium, tmp_path, monkeypatch, caplog):
+    from conftest import FAST_RUN
+
+    from hlip_fed.config import load_config
+    from hlip_fed.federation.local import LocalSite
+    from hlip_fed.federation.run import Site
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    site = Site("site0", mini_consortium / "sites" / "site0", tmp_path / "state", None)
+    with caplog.at_level("WARNING", logger="hlip_fed.federation"):
+        LocalSite(load_config("tiny", overrides=FAST_RUN), site)
+        assert not caplog.records
+        LocalSite(load_config("tiny", overrides=FAST_RUN + ["train.precision=bf16"]), site)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["site site0"]
+    assert "train.precision bf16" in caplog.records[0].getMessage()

@@ -68,6 +68,24 @@ def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
 
 
+def native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None when torch cannot tell."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return None
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def emulated_precision(cfg: TrainConfig) -> str | None:
+    """Why ``cfg.precision`` would train slower than fp32 on this machine, or None: bf16 autocast on
+    a CPU without bf16 instructions emulates every bf16 product (docs/benchmarks.md, section 9)."""
+    if cfg.precision != "bf16" or torch.device(cfg.device).type != "cpu" or native_bf16() is not False:
+        return None
+    return (f"train.precision bf16 on a CPU without bf16 instructions ({torch.backends.cpu.get_cpu_capability()}): "
+            "bf16 is emulated here and trains several times slower than fp32")
+
+
 def _text_features(model: HLIP, tokenizer: ReportTokenizer, reports: list[str], cfg: TrainConfig,
                    device: torch.device) -> torch.Tensor:
     """Pooled text-encoder features of ``reports`` as the training forward computes them."""
