@@ -353,6 +353,29 @@ def test_conv_stem_reaches_the_patch_grid_and_keeps_padding_invariance(tiny_cfg)
                                        "model.vision.img_size=[32,96,96]"])
 
 
+def test_patch_quantile_stem_starts_as_hlips_patch_embedding_and_learns_from_each_patchs_quantiles(tiny_cfg):
+    from hlip_fed.model.vision import PATCH_QUANTILES, QuantilePatchEmbed3D, cut_patches
+
+    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem="patch_quantiles"))
+    model = create_model(cfg, seed=0)
+    embed = model.visual.patch_embed
+    assert isinstance(embed, QuantilePatchEmbed3D)
+    x = torch.randn(2, 2, 1, *cfg.vision.img_size)
+    patches = cut_patches(x, cfg.vision.patch_size).reshape(2, 2, 4, 36, -1)  # [B, N, gd, gh*gw, P]
+    nearest = torch.quantile(patches, PATCH_QUANTILES, dim=-1, interpolation="nearest").movedim(0, -1)
+    torch.testing.assert_close(embed.quantiles(x), nearest)
+    hlip = F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
+    torch.testing.assert_close(embed(x), hlip)  # zero-initialised: HLIP's patch embedding at the start
+    embed(x).square().sum().backward()
+    assert embed.quantile_proj.weight.grad.abs().sum() > 0
+    mask = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        embed.quantile_proj.weight.normal_()
+        padded = model.eval().encode_image(x.masked_fill(~mask[:, :, None, None, None, None], 0.0), mask)
+        alone = model.encode_image(x[1:, :1], mask[1:, :1])
+    torch.testing.assert_close(padded[1:], alone, atol=1e-5, rtol=1e-4)
+
+
 def test_identity_text_projection_keeps_the_encoders_space(tiny_cfg):
     text = dataclasses.replace(tiny_cfg.model.text, proj="identity")
     model = create_model(dataclasses.replace(tiny_cfg.model, text=text, embed_dim=32), seed=0)  # tiny BERT: 32 wide

@@ -99,10 +99,14 @@ def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
     from hlip_fed.config import load_config
     from hlip_fed.outputs.model_card import write_model_card
 
-    for overrides, expected in (([], []), (["model.vision.pool=max", "model.text.proj=identity", "model.embed_dim=384"],
-                                           ["max pooling", "no projection"]),
-                               (["model.loss.name=masked"], ["masked image modelling"])):
-        out = tmp_path / str(len(overrides))
+    cases = (
+        ([], []),
+        (["model.vision.pool=max", "model.text.proj=identity", "model.embed_dim=384"], ["max pooling", "no projection"]),
+        (["model.loss.name=masked"], ["masked image modelling"]),
+        (["model.vision.stem=patch_quantiles"], ["intensity quantiles"]),
+    )
+    for case, (overrides, expected) in enumerate(cases):
+        out = tmp_path / str(case)
         out.mkdir()
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(load_config("tiny", overrides=overrides).model)))
         card = write_model_card(out, {}).read_text()

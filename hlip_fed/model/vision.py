@@ -119,10 +119,47 @@ class PatchEmbed3D(nn.Module):
         self.patch_size = tuple(patch_size)
         self.proj = nn.Conv3d(1, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, P]``: each patch's voxels, channel axis dropped."""
         patches = cut_patches(x, self.patch_size)
-        patches = patches.reshape(*x.shape[:2], *patches.shape[-3:])  # [B, N, gd, gh*gw, P], channel axis dropped
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return patches.reshape(*x.shape[:2], *patches.shape[-3:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.patches(x), self.proj.weight.flatten(1), self.proj.bias)
+
+
+# The quantiles of each patch's voxels that :class:`QuantilePatchEmbed3D` reads.
+PATCH_QUANTILES = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0])
+
+
+class QuantilePatchEmbed3D(PatchEmbed3D):
+    """:class:`PatchEmbed3D` plus a linear map of each patch's intensity quantiles
+    (:data:`PATCH_QUANTILES`, nearest rank) added to its token. The map starts at zero, so the
+    embedding starts as HLIP's. A patch's quantiles do not change when its voxels move within it:
+    a small bright or dark lesion anywhere in a 4 cm patch shifts its upper or lower quantiles."""
+
+    def __init__(self, patch_size: tuple[int, int, int], dim: int):
+        super().__init__(patch_size, dim)
+        self.quantile_proj = nn.Linear(len(PATCH_QUANTILES), dim)
+        self.reset_quantile_proj()
+
+    def reset_quantile_proj(self) -> None:
+        nn.init.zeros_(self.quantile_proj.weight)
+        nn.init.zeros_(self.quantile_proj.bias)
+
+    def quantiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, len(PATCH_QUANTILES)]``."""
+        return self._quantiles(self.patches(x))
+
+    @staticmethod
+    def _quantiles(patches: torch.Tensor) -> torch.Tensor:
+        ranks = (PATCH_QUANTILES * (patches.shape[-1] - 1)).round().long().to(patches.device)
+        return patches.sort(dim=-1).values[..., ranks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patches(x)
+        return (F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+                + self.quantile_proj(self._quantiles(patches)))
 
 
 class ConvStem3D(nn.Module):
@@ -159,7 +196,8 @@ class HLIPVisionTransformer(nn.Module):
         self.grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_size))
         levels = cfg.attention.levels if cfg.attention.mode == "hierarchical" else ["study"] * cfg.depth
         self.levels = list(levels)
-        self.patch_embed = (ConvStem3D if cfg.stem == "conv" else PatchEmbed3D)(tuple(cfg.patch_size), cfg.width)
+        stem = {"patch": PatchEmbed3D, "conv": ConvStem3D, "patch_quantiles": QuantilePatchEmbed3D}[cfg.stem]
+        self.patch_embed = stem(tuple(cfg.patch_size), cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         # Frozen position embeddings: derived from the config (not in the state dict), or stored
         # in it (``pos_embed: stored``, imported weights), starting from the same sin-cos values.
@@ -187,6 +225,8 @@ class HLIPVisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
+        if isinstance(self.patch_embed, QuantilePatchEmbed3D):
+            self.patch_embed.reset_quantile_proj()
 
     # --- token regrouping -------------------------------------------------------------------
     def _to_windows(self, tokens: torch.Tensor, cls: torch.Tensor, level: str) -> torch.Tensor:

@@ -112,8 +112,10 @@ def departures_from_hlip(model_cfg) -> list[str]:
     out = []
     if model_cfg.vision.pool != "token":
         out.append(f"study embedding: {model_cfg.vision.pool} pooling of the final patch tokens, not HLIP's CLS token")
-    if model_cfg.vision.stem != "patch":
+    if model_cfg.vision.stem == "conv":
         out.append("patch embedding: a convolutional stem, not HLIP's single strided convolution")
+    if model_cfg.vision.stem == "patch_quantiles":
+        out.append("patch embedding: HLIP's strided convolution plus a linear map of each patch's intensity quantiles")
     if model_cfg.text.proj != "linear":
         out.append("text side: no projection; the joint space is the locked text encoder's own")
     if model_cfg.text.sections != "all":
