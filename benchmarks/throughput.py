@@ -16,8 +16,9 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
 * the levers added one after another: ``+ linear patch embedding`` (the same weights applied as
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
   kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
-* ``defaults``: the preset as it is configured now, and the defaults plus each lever they leave
-  off: a DataLoader worker process prefetching batches, and ``torch.compile`` of the vision tower
+* ``defaults``: the preset as it is configured now; ``defaults + Conv3d patch embedding`` (the
+  one lever whose sign differs between CPUs, measured with all the others); and the defaults plus
+  each lever they leave off: a DataLoader worker process prefetching batches, and ``torch.compile`` of the vision tower
   (its compile time reported apart; skipped with ``--quick``). These two start processes that
   outlive their steps (the worker, inductor's compile workers) and slow every other variant of
   the process, so each runs after the others have been measured, alone, and is shut down after.
@@ -74,8 +75,9 @@ def derive(v: Variant, **change) -> Variant:
 
 
 def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
-    """The baseline, the levers added one after another and the defaults; and apart, the defaults
-    plus each lever they leave off (a worker process, compilation)."""
+    """The baseline, the levers added one after another, the defaults and the defaults with the
+    Conv3d patch embedding; and apart, the defaults plus each lever they leave off that starts
+    processes (a worker process, compilation)."""
     steps = [Variant("baseline")]
     for name, change in (("+ linear patch embedding", {"conv_patch_embed": False}),
                          ("+ skip padded scans", {"skip_padded": True}),
@@ -89,7 +91,7 @@ def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []
     if not quick:
         extra.append(derive(kept, name="defaults + torch.compile", compile=True))
-    return steps + [kept], extra
+    return steps + [kept, derive(kept, name="defaults + Conv3d patch embedding", conv_patch_embed=True)], extra
 
 
 def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:

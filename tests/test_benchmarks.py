@@ -259,7 +259,9 @@ def test_throughput_benchmark_measures_each_lever_on_the_same_training(mini_cons
     demo = data["presets"]["demo"]
     rows = {r["variant"]: r for r in demo["rows"]}
     assert list(rows) == ["baseline", "+ linear patch embedding", "+ skip padded scans", "+ fused AdamW",
-                          "+ scans kept in memory", "+ bf16 autocast", "defaults", "defaults + DataLoader worker"]
+                          "+ scans kept in memory", "+ bf16 autocast", "defaults", "defaults + Conv3d patch embedding",
+                          "defaults + DataLoader worker"]
+    assert rows["defaults + Conv3d patch embedding"]["precision"] == "fp32"
     assert rows["+ bf16 autocast"]["precision"] == "bf16" and rows["defaults"]["precision"] == "fp32"
     assert data["speedup"] == pytest.approx(rows["defaults"]["studies_per_s"] / rows["baseline"]["studies_per_s"])
     assert all(r["data_ms"] < r["step_ms"] for r in rows.values())
