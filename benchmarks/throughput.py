@@ -17,11 +17,12 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
   kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
 * ``defaults``: the preset as it is configured now; ``defaults + Conv3d patch embedding`` (the
-  one lever whose sign differs between CPUs, measured with all the others); and the defaults plus
-  each lever they leave off: a DataLoader worker process prefetching batches, and ``torch.compile`` of the vision tower
-  (its compile time reported apart; skipped with ``--quick``). These two start processes that
-  outlive their steps (the worker, inductor's compile workers) and slow every other variant of
-  the process, so each runs after the others have been measured, alone, and is shut down after.
+  one lever whose sign differs between CPUs, measured with all the others); and the defaults
+  plus each lever they leave off: a DataLoader worker process prefetching batches, and
+  ``torch.compile`` of the vision tower (its compile time reported apart; skipped with
+  ``--quick``). These two start processes that outlive their steps (the worker, inductor's
+  compile workers) and slow every other variant of the process, so each runs after the others
+  have been measured, alone, and is shut down after.
 
 Also measured in the same run: the GEMM peak (a 2048 x 2048 ``torch.mm``, fp32 and bf16), the model
 FLOPs of the vision step counted analytically (:func:`benchmarks.attention.forward_macs`; torch's

@@ -136,7 +136,8 @@ class QuantilePatchEmbed3D(PatchEmbed3D):
     """:class:`PatchEmbed3D` plus a linear map of each patch's intensity quantiles
     (:data:`PATCH_QUANTILES`, nearest rank) added to its token. The map starts at zero, so the
     embedding starts as HLIP's. A patch's quantiles do not change when its voxels move within it:
-    a small bright or dark lesion anywhere in a 4 cm patch shifts its upper or lower quantiles."""
+    a small bright or dark lesion anywhere in a patch several cm across shifts its upper or lower
+    quantiles."""
 
     def __init__(self, patch_size: tuple[int, int, int], dim: int):
         super().__init__(patch_size, dim)
