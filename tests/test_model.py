@@ -363,7 +363,7 @@ def test_patch_quantile_stem_starts_as_hlips_patch_embedding_and_learns_from_eac
     x = torch.randn(2, 2, 1, *cfg.vision.img_size)
     patches = cut_patches(x, cfg.vision.patch_size).reshape(2, 2, 4, 36, -1)  # [B, N, gd, gh*gw, P]
     nearest = torch.quantile(patches, PATCH_QUANTILES, dim=-1, interpolation="nearest").movedim(0, -1)
-    torch.testing.assert_close(embed.quantiles(x), nearest)
+    torch.testing.assert_close(embed.quantiles(embed.patches(x)), nearest)
     hlip = F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
     torch.testing.assert_close(embed(x), hlip)  # zero-initialised: HLIP's patch embedding at the start
     embed(x).square().sum().backward()

@@ -124,8 +124,12 @@ class PatchEmbed3D(nn.Module):
         patches = cut_patches(x, self.patch_size)
         return patches.reshape(*x.shape[:2], *patches.shape[-3:])
 
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """The Conv3d's weights applied to :meth:`patches`' output as one linear layer."""
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.patches(x), self.proj.weight.flatten(1), self.proj.bias)
+        return self.embed(self.patches(x))
 
 
 # The quantiles of each patch's voxels that :class:`QuantilePatchEmbed3D` reads.
@@ -148,19 +152,15 @@ class QuantilePatchEmbed3D(PatchEmbed3D):
         nn.init.zeros_(self.quantile_proj.weight)
         nn.init.zeros_(self.quantile_proj.bias)
 
-    def quantiles(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, len(PATCH_QUANTILES)]``."""
-        return self._quantiles(self.patches(x))
-
     @staticmethod
-    def _quantiles(patches: torch.Tensor) -> torch.Tensor:
+    def quantiles(patches: torch.Tensor) -> torch.Tensor:
+        """:meth:`patches`' output ``[..., P] -> [..., len(PATCH_QUANTILES)]``."""
         ranks = (PATCH_QUANTILES * (patches.shape[-1] - 1)).round().long().to(patches.device)
         return patches.sort(dim=-1).values[..., ranks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = self.patches(x)
-        return (F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
-                + self.quantile_proj(self._quantiles(patches)))
+        return self.embed(patches) + self.quantile_proj(self.quantiles(patches))
 
 
 class ConvStem3D(nn.Module):
