@@ -9,11 +9,14 @@ refactor must leave them equal to 1e-6; a change of behaviour re-records them on
     HLIP_FED_GOLDEN=write .venv/bin/python -m pytest tests/test_golden.py
 
 A few training steps amplify the rounding of the CPU's kernels, so a run on a CPU with other
-vector instructions ends elsewhere (AVX2 against AVX-512: a first weight 0.2-10 % apart). Where
-``tests/golden/<capability>/<case>.json`` exists for torch's CPU capability (``AVX2``,
-``AVX512``, ...), the case is compared with it instead; ``HLIP_FED_GOLDEN=write`` rewrites the
-record this machine reads, ``HLIP_FED_GOLDEN=write-cpu`` writes one for this machine's capability.
-A change of behaviour re-records every capability's records.
+vector instructions ends elsewhere (AVX2 against AVX-512: a first weight 0.2-10 % apart), and so
+does one on another vendor's CPU with the same instructions (an AMD AVX-512 CPU against the Intel
+one of the default records: 0.01-10 %). Where ``tests/golden/<capability>-<vendor>/<case>.json``
+or ``tests/golden/<capability>/<case>.json`` exists for torch's CPU capability (``AVX2``,
+``AVX512``, ...) and the CPU's vendor (``AMD``, ``Intel``), the case is compared with the first of
+them instead; ``HLIP_FED_GOLDEN=write`` rewrites the record this machine reads,
+``HLIP_FED_GOLDEN=write-cpu`` writes one for this machine's capability and vendor. A change of
+behaviour re-records every machine's records.
 """
 
 import json
@@ -92,12 +95,21 @@ def assert_same(got, want, where="", tol=1e-6):
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
+def record_path(name: str) -> str:
+    """The record this machine compares ``name`` with: its capability and vendor's, its capability's,
+    or the default; with ``HLIP_FED_GOLDEN=write-cpu``, its capability and vendor's."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vendor = "".join(c for c in torch.cpu.get_capabilities().get("cpu_name", "").split(" ")[0] if c.isalnum())
+    own = [os.path.join(GOLDEN, f"{capability}-{vendor}", f"{name}.json"), os.path.join(GOLDEN, capability, f"{name}.json")]
+    if os.environ.get("HLIP_FED_GOLDEN") == "write-cpu":
+        return own[0]
+    return next((p for p in own if os.path.exists(p)), os.path.join(GOLDEN, f"{name}.json"))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_seeded_federation_matches_its_golden_record(name, mini_consortium, tmp_path, monkeypatch):
     got = run_case(name, mini_consortium, tmp_path, monkeypatch)
-    own = os.path.join(GOLDEN, torch.backends.cpu.get_cpu_capability(), f"{name}.json")
-    path = own if os.path.exists(own) or os.environ.get("HLIP_FED_GOLDEN") == "write-cpu" else \
-        os.path.join(GOLDEN, f"{name}.json")
+    path = record_path(name)
     if os.environ.get("HLIP_FED_GOLDEN", "").startswith("write"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
