@@ -17,7 +17,9 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
   kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
 * ``defaults``: the preset as it is configured now; ``defaults + Conv3d patch embedding`` (the
-  one lever whose sign differs between CPUs, measured with all the others); and the defaults
+  one lever whose sign differs between CPUs, measured with all the others); ``defaults +
+  bf16-held tower`` (``train.precision: bf16-held``: the vision tower's weights and activations in
+  bf16, fp32 master weights; its training-loss curve is measured beside the defaults'); and the defaults
   plus each lever they leave off: a DataLoader worker process prefetching batches, and
   ``torch.compile`` of the vision tower (its compile time reported apart; skipped with
   ``--quick``). These two start processes that outlive their steps (the worker, inductor's
@@ -92,7 +94,8 @@ def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []
     if not quick:
         extra.append(derive(kept, name="defaults + torch.compile", compile=True))
-    return steps + [kept, derive(kept, name="defaults + Conv3d patch embedding", conv_patch_embed=True)], extra
+    return steps + [kept, derive(kept, name="defaults + Conv3d patch embedding", conv_patch_embed=True),
+                    derive(kept, name="defaults + bf16-held tower", precision="bf16-held")], extra
 
 
 def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
@@ -308,12 +311,14 @@ def loss_curve(preset: str, overrides: list[str], variant: Variant, seed: int, s
 
 
 def compare_curves(curves: dict[str, list[list[float]]], tail: int) -> dict:
-    """Mean loss of the last ``tail`` steps per seed; the defaults' shift against seed-to-seed spread."""
+    """Mean loss of the last ``tail`` steps per seed; each variant's shift from the baseline against
+    the seed-to-seed spread (``shift``, ``within_seed_noise``: the defaults')."""
     finals = {name: [statistics.fmean(c[-tail:]) for c in runs] for name, runs in curves.items()}
-    shift = statistics.fmean(finals["defaults"]) - statistics.fmean(finals["baseline"])
+    shifts = {name: statistics.fmean(f) - statistics.fmean(finals["baseline"]) for name, f in finals.items()
+              if name != "baseline"}
     spread = statistics.stdev(finals["baseline"]) if len(finals["baseline"]) > 1 else float("nan")
-    return {"final_loss": finals, "shift": shift, "seed_sd": spread,
-            "within_seed_noise": bool(abs(shift) <= 2 * spread)}
+    return {"final_loss": finals, "shifts": shifts, "shift": shifts["defaults"], "seed_sd": spread,
+            "within_seed_noise": bool(abs(shifts["defaults"]) <= 2 * spread)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,14 +418,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.curve_steps:
                 curves = {v.name: [loss_curve(preset, overrides, derive(v),
                                               seed, args.curve_steps, data_dir, Path(tmp) / preset / "state")
-                                   for seed in range(args.curve_seeds)] for v in (runs[0], new.variant)}
+                                   for seed in range(args.curve_seeds)]
+                          for v in (runs[0], new.variant, sites["defaults + bf16-held tower"].variant)}
                 results[preset]["loss_curves"] = {"steps": args.curve_steps, "curves": curves,
                                                   **compare_curves(curves, max(1, args.curve_steps // 8))}
                 c = results[preset]["loss_curves"]
-                print(f"\ntraining loss after {args.curve_steps} steps, {args.curve_seeds} seeds: baseline "
-                      + ", ".join(f"{x:.3f}" for x in c["final_loss"]["baseline"]) + "; defaults "
-                      + ", ".join(f"{x:.3f}" for x in c["final_loss"]["defaults"])
-                      + f" (shift {c['shift']:+.3f}, seed sd {c['seed_sd']:.3f})")
+                print(f"\ntraining loss after {args.curve_steps} steps, {args.curve_seeds} seeds (seed sd "
+                      f"{c['seed_sd']:.3f}): " + "; ".join(
+                          f"{name} " + ", ".join(f"{x:.3f}" for x in finals)
+                          + (f" (shift {c['shifts'][name]:+.3f})" if name in c["shifts"] else "")
+                          for name, finals in c["final_loss"].items()))
             print(f"\nvision step alone: {1000 * vision_s:.1f} ms for {flops / 1e9:.1f} GFLOP -> "
                   f"{achieved / 1e9:.1f} GFLOP/s = {100 * results[preset]['roofline_fraction']:.0f} % of the "
                   f"{precision} GEMM peak; whole step speedup {results[preset]['speedup']:.2f}x", flush=True)

@@ -184,7 +184,10 @@ class TrainConfig:
     # Pooled training over several sites (simulations.compare's reference): draw every batch from one
     # site, as each site's own training does, instead of mixing sites in a batch.
     site_batches: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 only on CUDA
+    # bf16 and fp16: autocast (fp16 only on CUDA). bf16-held: the vision tower's weights and activations
+    # in bf16 for the step, the model's fp32 weights stepped by the optimiser (hlip_fed/training/bf16_tower.py);
+    # the rest in fp32. bf16 trains fast only on CPUs with bf16 instructions (docs/benchmarks.md, section 9).
+    precision: Literal["fp32", "bf16", "bf16-held", "fp16"] = "fp32"
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     fused_optimizer: bool = True  # AdamW's fused kernel instead of its for-each kernels (benchmarks/throughput.py)
@@ -193,6 +196,12 @@ class TrainConfig:
     # without shuffle_sentences (a shuffled report is a new text every step).
     text_cache: bool = True
     log_every: int = 1
+
+    @property
+    def autocast_precision(self) -> str:
+        """The precision the step autocasts to: bf16-held holds the vision tower in bf16 itself and
+        autocasts nothing."""
+        return "fp32" if self.precision == "bf16-held" else self.precision
 
 
 @dataclass
@@ -393,6 +402,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.loss.target_temperature must be >= 0, and is for model.loss.name=clip only")
     if not 0.0 < cfg.model.loss.mask_ratio < 1.0:
         raise ConfigError("model.loss.mask_ratio must be in (0, 1)")
+    if cfg.train.precision == "bf16-held" and cfg.model.loss.name == "masked":
+        raise ConfigError("train.precision=bf16-held holds the vision tower in bf16 for the contrastive losses "
+                          "only; masked image modelling trains in fp32 or bf16")
     fed = cfg.federation
     if fed.max_update_ratio < 0 or (0 < fed.max_update_ratio <= 1):
         raise ConfigError("federation.max_update_ratio must be 0 (off) or greater than 1")

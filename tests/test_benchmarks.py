@@ -260,8 +260,9 @@ def test_throughput_benchmark_measures_each_lever_on_the_same_training(mini_cons
     rows = {r["variant"]: r for r in demo["rows"]}
     assert list(rows) == ["baseline", "+ linear patch embedding", "+ skip padded scans", "+ fused AdamW",
                           "+ scans kept in memory", "+ bf16 autocast", "defaults", "defaults + Conv3d patch embedding",
-                          "defaults + DataLoader worker"]
+                          "defaults + bf16-held tower", "defaults + DataLoader worker"]
     assert rows["defaults + Conv3d patch embedding"]["precision"] == "fp32"
+    assert rows["defaults + bf16-held tower"]["precision"] == "bf16-held"
     assert rows["+ bf16 autocast"]["precision"] == "bf16" and rows["defaults"]["precision"] == "fp32"
     assert data["speedup"] == pytest.approx(rows["defaults"]["studies_per_s"] / rows["baseline"]["studies_per_s"])
     assert all(r["data_ms"] < r["step_ms"] for r in rows.values())
@@ -270,6 +271,7 @@ def test_throughput_benchmark_measures_each_lever_on_the_same_training(mini_cons
     for base, new in zip(curves["baseline"], curves["defaults"]):
         assert base == pytest.approx(new, abs=1e-3)
     assert demo["loss_curves"]["within_seed_noise"]
+    assert set(demo["loss_curves"]["shifts"]) == {"defaults", "defaults + bf16-held tower"}
     prof = demo["profile_seconds_per_step"]
     assert set(prof["defaults"]) == set(CATEGORIES) and prof["defaults"]["data"] > 0
     assert prof["baseline"]["optimiser"] > 0 and prof["defaults"]["attention"] > 0

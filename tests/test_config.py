@@ -54,6 +54,12 @@ def test_report_similarity_targets_are_for_clip_only():
         load_config(overrides=["model.loss.name=siglip", "model.loss.target_temperature=0.05"])
 
 
+def test_a_vision_tower_held_in_bf16_is_for_the_contrastive_losses():
+    assert load_config(overrides=["train.precision=bf16-held"]).train.autocast_precision == "fp32"
+    with pytest.raises(ConfigError, match="bf16-held"):
+        load_config(overrides=["model.loss.name=masked", "train.precision=bf16-held"])
+
+
 def test_missing_file_is_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(files=[tmp_path / "absent.yaml"])

@@ -88,6 +88,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_named(small_cfg, monkeypatch
     bf16 = dataclasses.replace(small_cfg.train, precision="bf16")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
     assert "bf16 instructions" in emulated_precision(bf16)
+    assert "bf16 instructions" in emulated_precision(dataclasses.replace(bf16, precision="bf16-held"))
     assert emulated_precision(small_cfg.train) is None  # fp32 runs natively everywhere
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
     assert emulated_precision(bf16) is None
@@ -110,3 +111,25 @@ def test_a_site_asked_for_emulated_bf16_says_so_in_its_log(mini_consortium, tmp_
         LocalSite(load_config("tiny", overrides=FAST_RUN + ["train.precision=bf16"]), site)
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["site site0"]
     assert "train.precision bf16" in caplog.records[0].getMessage()
+
+
+def test_bf16_held_tower_steps_the_fp32_weights_with_bf16_gradients(small_cfg):
+    """``train.precision: bf16-held`` runs the vision tower's forward and backward in bf16 while the
+    model keeps fp32 weights, which the optimiser steps (master weights): the losses and gradients
+    are fp32's to bf16's precision, and each step starts from the weights the last one left."""
+    fp32 = dataclasses.replace(small_cfg.train, lr=3e-3, warmup_steps=0, weight_decay=0.0)
+    runs = {}
+    for cfg in (fp32, dataclasses.replace(fp32, precision="bf16-held")):
+        model, tok = create_model(small_cfg.model, seed=0), create_tokenizer(small_cfg.model)
+        visual = model.visual
+        torch.manual_seed(0)
+        stats = train_steps(model, tok, batches(cfg), cfg, steps=6)
+        assert model.visual is visual and all(p.dtype == torch.float32 for p in model.parameters())
+        grads = torch.cat([p.grad.flatten() for p in visual.parameters() if p.grad is not None])
+        runs[cfg.precision] = stats.losses, grads, visual.state_dict()
+    (loss32, grad32, w32), (loss16, grad16, w16) = runs["fp32"], runs["bf16-held"]
+    assert all(abs(a - b) < 0.03 for a, b in zip(loss32, loss16)), (loss32, loss16)  # a stale tower: 0.3
+    assert F.cosine_similarity(grad32, grad16, dim=0) > 0.98
+    init = create_model(small_cfg.model, seed=0).visual.state_dict()
+    moved = {k: (w32[k] - init[k]).norm() for k in w32}
+    assert all(moved[k] == 0 or (w16[k] - init[k]).norm() > 0.5 * moved[k] for k in w32)  # the master weights stepped

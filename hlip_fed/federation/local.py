@@ -75,8 +75,8 @@ class LocalSite:
                                                         site.state_dir / "text-features")
         if self.text_cache is not None:
             # Evaluation encodes in fp32: the same features as training's unless training autocasts.
-            self.eval_text_cache = self.text_cache if cfg.train.precision == "fp32" else TextFeatureCache.for_model(
-                self.model, self.tokenizer, "fp32", cfg.train.device)
+            self.eval_text_cache = self.text_cache if cfg.train.autocast_precision == "fp32" else \
+                TextFeatureCache.for_model(self.model, self.tokenizer, "fp32", cfg.train.device)
 
     def check_text_tower(self, expected: str | None) -> None:
         """Refuse a message whose text tower (``text-tower`` in its config) is not this site's."""

@@ -105,7 +105,7 @@ class TextFeatureCache:
         """The cache a training run uses (``train.text_cache`` on and the tower cacheable), else None."""
         if not (train_cfg.text_cache and usable(model.text.cfg)):
             return None
-        return cls.for_model(model, tokenizer, train_cfg.precision, train_cfg.device, folder)
+        return cls.for_model(model, tokenizer, train_cfg.autocast_precision, train_cfg.device, folder)
 
     def _load(self) -> None:
         if self.path is None or not self.path.exists():

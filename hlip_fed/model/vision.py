@@ -46,11 +46,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            # Under CPU autocast the QKV product runs in bf16, but the CPU attention kernels are
-            # slower in bf16 than in fp32 (forward and backward): attend in fp32.
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:
+            # In bf16 (under CPU autocast, or a tower held in bf16) the CPU attention kernels are
+            # slower than in fp32 (forward and backward): attend in fp32, go on in the tower's dtype.
             q, k, v = q.float(), k.float(), v.float()
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).to(dtype)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
@@ -274,7 +275,7 @@ class HLIPVisionTransformer(nn.Module):
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens with position embeddings, ``[B, N, S, T, C]``; where ``hidden [B, N, S, T]``
         is True, the patch's embedding is ``mask_token`` instead (masked image modelling)."""
-        x = self.patch_embed(images)
+        x = self.patch_embed(images.to(self.cls_token.dtype))  # a tower held in bf16 takes fp32 scans
         if hidden is not None:
             x = torch.where(hidden[..., None], mask_token.to(x.dtype), x)
         b, n, s, t, c = x.shape

@@ -3,7 +3,8 @@
 ``train_steps`` is the single training loop of the project; centralised training, local-only
 baselines and every federated client call it, for the contrastive objectives and for masked
 image modelling on the scans alone (``model.loss.name: masked``). It supports gradient
-accumulation (bigger effective batches for InfoNCE at small sites), autocast, gradient clipping,
+accumulation (bigger effective batches for InfoNCE at small sites), autocast or a vision tower held in
+bf16 (:mod:`hlip_fed.training.bf16_tower`), gradient clipping,
 CLIP's logit-scale clamp after each step, FedProx's proximal term ``mu/2 * ||w - w_global||^2``
 over the federated parameters, and a cache of a locked text encoder's report features
 (:mod:`hlip_fed.model.text_cache`).
@@ -26,6 +27,7 @@ from hlip_fed.config import TrainConfig
 from hlip_fed.model import HLIP
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
+from hlip_fed.training.bf16_tower import Bf16Tower
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # images, scan_mask, reports, ids
 
@@ -62,9 +64,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    if cfg.precision == "fp32":
+    if cfg.autocast_precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if cfg.autocast_precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
 
 
@@ -80,9 +82,10 @@ def native_bf16() -> bool | None:
 def emulated_precision(cfg: TrainConfig) -> str | None:
     """Why ``cfg.precision`` would train slower than fp32 on this machine, or None: bf16 autocast on
     a CPU without bf16 instructions emulates every bf16 product (docs/benchmarks.md, section 9)."""
-    if cfg.precision != "bf16" or torch.device(cfg.device).type != "cpu" or native_bf16() is not False:
+    if not cfg.precision.startswith("bf16") or torch.device(cfg.device).type != "cpu" or native_bf16() is not False:
         return None
-    return (f"train.precision bf16 on a CPU without bf16 instructions ({torch.backends.cpu.get_cpu_capability()}): "
+    return (f"train.precision {cfg.precision} on a CPU without bf16 instructions "
+            f"({torch.backends.cpu.get_cpu_capability()}): "
             "bf16 is emulated here and trains several times slower than fp32")
 
 
@@ -142,6 +145,7 @@ def train_steps(
         prox = {k: v.to(device) for k, v in anchor.items() if k in params and params[k].requires_grad}
     stats = TrainStats()
     model.train()
+    held = Bf16Tower(model) if cfg.precision == "bf16-held" else None
     t0 = time.perf_counter()
     bar = tqdm(total=steps, desc="local training", unit="step", leave=False, disable=None)
     for i in range(steps):
@@ -149,27 +153,29 @@ def train_steps(
             group["lr"] = lr_at(start_step + i, cfg, total_steps)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            images, scan_mask, reports, _ids = next(batches)
-            if model.masked is not None:  # the scans alone: the batch's reports are not used
-                with autocast(cfg):
-                    loss = model.masked_loss(images.to(device), scan_mask.to(device))
-            elif text_cache is not None:
-                features = text_cache.features(reports, lambda r: _text_features(model, tokenizer, r, cfg, device))
-                with autocast(cfg):
-                    image = model.encode_image(images.to(device), scan_mask.to(device))
-                    text = F.normalize(model.text.proj(features.to(device)), dim=-1)
-                    loss = model.loss(image.float(), text.float())
-            else:
-                tokens = tokenizer(reports, train=True, rng=rng)
-                with autocast(cfg):
-                    out = model(images.to(device), scan_mask.to(device), **{k: v.to(device) for k, v in tokens.items()})
-                    loss = model.loss(out["image"].float(), out["text"].float())
-            if prox:
-                loss = loss + 0.5 * proximal_mu * sum((params[k] - w).pow(2).sum() for k, w in prox.items())
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            stats.examples += len(images)
+        with held.step() if held else contextlib.nullcontext():
+            for _ in range(cfg.grad_accum):
+                images, scan_mask, reports, _ids = next(batches)
+                if model.masked is not None:  # the scans alone: the batch's reports are not used
+                    with autocast(cfg):
+                        loss = model.masked_loss(images.to(device), scan_mask.to(device))
+                elif text_cache is not None:
+                    features = text_cache.features(reports, lambda r: _text_features(model, tokenizer, r, cfg, device))
+                    with autocast(cfg):
+                        image = model.encode_image(images.to(device), scan_mask.to(device))
+                        text = F.normalize(model.text.proj(features.to(device)), dim=-1)
+                        loss = model.loss(image.float(), text.float())
+                else:
+                    tokens = tokenizer(reports, train=True, rng=rng)
+                    with autocast(cfg):
+                        tokens = {k: v.to(device) for k, v in tokens.items()}
+                        out = model(images.to(device), scan_mask.to(device), **tokens)
+                        loss = model.loss(out["image"].float(), out["text"].float())
+                if prox:
+                    loss = loss + 0.5 * proximal_mu * sum((params[k] - w).pow(2).sum() for k, w in prox.items())
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                stats.examples += len(images)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training diverged: loss {step_loss} at step {start_step + i}")
         if cfg.grad_clip > 0:
