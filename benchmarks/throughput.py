@@ -15,7 +15,7 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
   kernels, no DataLoader worker, every scan read from its on-site cache file;
 * the levers added one after another: ``+ linear patch embedding`` (the same weights applied as
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
-  kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (attention kept in fp32);
+  kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (long windows' attention in fp32);
 * ``defaults``: the preset as it is configured now; ``defaults + Conv3d patch embedding`` (the
   one lever whose sign differs between CPUs, measured with all the others); ``defaults +
   bf16-held tower`` (``train.precision: bf16-held``: the vision tower's weights and activations in

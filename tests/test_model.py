@@ -1,6 +1,7 @@
 """The HLIP model is the paper's: window attention, CLS split/merge, masking, position embeddings,
 losses, persistence. Every test compares against an independent computation."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -16,6 +17,7 @@ from hlip_fed.errors import HlipError
 from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model.loss import clip_loss, siglip_loss
 from hlip_fed.model.pos_embed import scan_slots, sincos_1d, sincos_3d
+from hlip_fed.model import vision as vision_module
 from hlip_fed.model.vision import HLIPVisionTransformer
 
 
@@ -415,7 +417,7 @@ def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_autocast_attends_in_fp32(tiny_cfg, monkeypatch):
+def test_cpu_autocast_attends_long_windows_in_fp32(tiny_cfg, monkeypatch):
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -424,12 +426,45 @@ def test_cpu_autocast_attends_in_fp32(tiny_cfg, monkeypatch):
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(vision_module, "BF16_PRODUCTS_MAX_TOKENS", 0)  # every window of this study is long
     m = vision(tiny_cfg).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(study())
     out.float().sum().backward()
     assert seen == [torch.float32] * len(m.blocks)
     assert m.blocks[0].attn.qkv.weight.grad is not None and torch.isfinite(m.blocks[0].attn.qkv.weight.grad).all()
+
+
+@pytest.mark.parametrize("tokens", [vision_module.BF16_PRODUCTS_MAX_TOKENS, vision_module.BF16_PRODUCTS_MAX_TOKENS + 1])
+def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(tokens, monkeypatch):
+    """On a CPU a bf16 tower attends within a short window as two bf16 matrix products (softmax in
+    fp32) and within a long one through the fp32 kernel; both give fp32's attention to bf16 rounding,
+    and a masked key takes no part."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    torch.manual_seed(0)
+    attn = vision_module.Attention(96, 3)
+    held = copy.deepcopy(attn).to(torch.bfloat16)
+    x = torch.randn(2, tokens, 96)
+    mask = torch.ones(2, 1, 1, tokens, dtype=torch.bool)
+    mask[1, ..., tokens // 2:] = False
+    for m in (None, mask):
+        want = attn(x, m)
+        seen.clear()
+        got = held(x.bfloat16(), m)
+        assert got.dtype == torch.bfloat16
+        assert seen == ([] if tokens <= vision_module.BF16_PRODUCTS_MAX_TOKENS else [torch.float32])
+        assert (got.float() - want).abs().max() < 0.03 * want.abs().max()
+    changed = x.clone()
+    changed[1, tokens // 2:] += 5.0  # only masked keys change: the first half's rows see none of them
+    again = held(changed.bfloat16(), mask)
+    assert torch.equal(again[1, : tokens // 2], held(x.bfloat16(), mask)[1, : tokens // 2])
 
 
 @pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"]])

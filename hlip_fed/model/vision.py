@@ -36,6 +36,22 @@ def windows_per_study(level: str, n_scans: int, n_slabs: int) -> int:
     return {"slice": n_scans * n_slabs, "scan": n_scans, "study": 1}[level]
 
 
+# On a CPU, in bf16 (under autocast, or a tower held in bf16), windows of up to this many tokens
+# attend faster as two bf16 matrix products than through the attention kernel; longer ones attend
+# fastest through the kernel in fp32, whose bf16 version is slower (docs/benchmarks.md, section 9).
+BF16_PRODUCTS_MAX_TOKENS = 256
+
+
+def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention as two matrix products in ``q``'s dtype, the softmax in fp32;
+    ``attn_mask`` as :func:`F.scaled_dot_product_attention`'s boolean mask (True: attend)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.float().softmax(-1).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -47,11 +63,12 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype != torch.float32:
-            # In bf16 (under CPU autocast, or a tower held in bf16) the CPU attention kernels are
-            # slower than in fp32 (forward and backward): attend in fp32, go on in the tower's dtype.
-            q, k, v = q.float(), k.float(), v.float()
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).to(dtype)
+        if q.device.type != "cpu" or dtype == torch.float32:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif n <= BF16_PRODUCTS_MAX_TOKENS:
+            x = attend_by_products(q, k, v, attn_mask)
+        else:
+            x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(dtype)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
