@@ -417,7 +417,9 @@ def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_autocast_attends_long_windows_in_fp32(tiny_cfg, monkeypatch):
+@pytest.fixture
+def sdpa_dtypes(monkeypatch):
+    """The dtype of each call of ``F.scaled_dot_product_attention``, in order."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -426,28 +428,24 @@ def test_cpu_autocast_attends_long_windows_in_fp32(tiny_cfg, monkeypatch):
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return seen
+
+
+def test_cpu_autocast_attends_long_windows_in_fp32(tiny_cfg, monkeypatch, sdpa_dtypes):
     monkeypatch.setattr(vision_module, "BF16_PRODUCTS_MAX_TOKENS", 0)  # every window of this study is long
     m = vision(tiny_cfg).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(study())
     out.float().sum().backward()
-    assert seen == [torch.float32] * len(m.blocks)
+    assert sdpa_dtypes == [torch.float32] * len(m.blocks)
     assert m.blocks[0].attn.qkv.weight.grad is not None and torch.isfinite(m.blocks[0].attn.qkv.weight.grad).all()
 
 
 @pytest.mark.parametrize("tokens", [vision_module.BF16_PRODUCTS_MAX_TOKENS, vision_module.BF16_PRODUCTS_MAX_TOKENS + 1])
-def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(tokens, monkeypatch):
+def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(tokens, sdpa_dtypes):
     """On a CPU a bf16 tower attends within a short window as two bf16 matrix products (softmax in
     fp32) and within a long one through the fp32 kernel; both give fp32's attention to bf16 rounding,
     and a masked key takes no part."""
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(q, k, v, **kw):
-        seen.append(q.dtype)
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     torch.manual_seed(0)
     attn = vision_module.Attention(96, 3)
     held = copy.deepcopy(attn).to(torch.bfloat16)
@@ -456,10 +454,10 @@ def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(
     mask[1, ..., tokens // 2:] = False
     for m in (None, mask):
         want = attn(x, m)
-        seen.clear()
+        sdpa_dtypes.clear()
         got = held(x.bfloat16(), m)
         assert got.dtype == torch.bfloat16
-        assert seen == ([] if tokens <= vision_module.BF16_PRODUCTS_MAX_TOKENS else [torch.float32])
+        assert sdpa_dtypes == ([] if tokens <= vision_module.BF16_PRODUCTS_MAX_TOKENS else [torch.float32])
         assert (got.float() - want).abs().max() < 0.03 * want.abs().max()
     changed = x.clone()
     changed[1, tokens // 2:] += 5.0  # only masked keys change: the first half's rows see none of them
