@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from hlip_fed.config import AttentionConfig, load_config
 from hlip_fed.errors import HlipError
 from hlip_fed.model import HLIP, create_model, create_tokenizer
+from hlip_fed.model import vision as vision_module
 from hlip_fed.model.loss import clip_loss, siglip_loss
 from hlip_fed.model.pos_embed import scan_slots, sincos_1d, sincos_3d
-from hlip_fed.model import vision as vision_module
 from hlip_fed.model.vision import HLIPVisionTransformer
 
 
