@@ -161,8 +161,9 @@ class DataConfig:
     train_scans: int | None = None
     # Image augmentation of training studies at the site (hlip_fed/data/augment.py): "none",
     # "light" (mirror with the report's sides swapped, affine, brightness) or "scanner" (light plus
-    # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution).
-    augment: Literal["none", "light", "scanner"] = "none"
+    # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution) or
+    # "intensity" (scanner without the warp: mirror and the intensity transforms only).
+    augment: Literal["none", "light", "scanner", "intensity"] = "none"
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     # The cached tensors a dataset has read are also kept in memory, up to this many MiB per dataset
     # (a site's training or test split), so later epochs and rounds read no file (0: off)

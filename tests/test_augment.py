@@ -28,7 +28,7 @@ def _named_side(report: str) -> str:
     return "right" if "right frontal" in report else "left" if "left frontal" in report else "?"
 
 
-@pytest.mark.parametrize("preset", ["light", "scanner"])
+@pytest.mark.parametrize("preset", ["light", "scanner", "intensity"])
 def test_truth_mask_moves_with_its_image_and_the_report_with_its_mirror(preset):
     cfg = DataConfig()
     aug = StudyAugmentation(preset, cfg, IMG)
@@ -60,6 +60,22 @@ def test_light_preset_keeps_the_block_sharp_enough_to_segment():
         seg, truth = u > 0.6 * u.max(), m[0] > 0
         dice = 2 * (seg & truth).sum() / (seg.sum() + truth.sum())
         assert dice > 0.7, (seed, float(dice))
+
+
+def test_intensity_preset_changes_intensities_and_moves_no_voxel_but_by_the_mirror():
+    """``intensity`` is ``scanner`` without its warp: each study's mask stays or is exactly
+    mirrored, while its voxel values change."""
+    cfg = DataConfig()
+    aug = StudyAugmentation("intensity", cfg, IMG)
+    x, mask, report = _study("right")
+    changed = 0
+    for seed in range(24):
+        y, text, m = aug(x, report, [2, 2], mask=mask, seed=seed)
+        mirrored = _named_side(text) == "left"
+        assert torch.equal(m, mask.flip(-1) if mirrored else mask), seed
+        back = y.flip(-1) if mirrored else y
+        changed += not torch.allclose(back, x, atol=1e-4)
+    assert changed >= 12  # most draws alter some intensity (each transform has p 0.15-0.3)
 
 
 def test_augmentation_is_reproducible_for_a_seed_and_none_is_identity():

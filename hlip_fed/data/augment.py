@@ -21,6 +21,8 @@ Presets (``data.augment``); ranges follow HLIP's description, SynthSeg's and nnU
   about the mean (p 0.15), brightness x0.75-1.25 (p 0.15), Gaussian noise with a standard
   deviation up to 0.05 of the range (p 0.15), Gaussian blur of 0.5-1 voxel (p 0.2) and simulated
   low resolution (down to half, p 0.25).
+* ``intensity``: ``scanner`` without the warp: the mirror and the scanner randomisation only, so
+  a structure keeps its size and place (a whole-brain trait such as atrophy is read from sizes).
 
 Randomness comes from one seed per study drawn from torch's generator, so a seeded round (and a
 DataLoader worker, which torch seeds) is reproducible.
@@ -54,7 +56,7 @@ from monai.transforms import (
 
 from hlip_fed.data.preprocess import normalize, unit_intensity
 
-PRESETS = ("none", "light", "scanner")
+PRESETS = ("none", "light", "scanner", "intensity")
 _SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _SPATIAL = ("image", "mask")
 
@@ -115,15 +117,24 @@ def _preset(name: str, size: Sequence[int]) -> list:
                                   **affine, **modes),
                    RandAffined(_SPATIAL, prob=1.0, **affine, **modes),
                    Identityd(_SPATIAL, allow_missing_keys=True)], weights=(0.1, 0.7, 0.2)),
-            RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
-            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-            RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15),
-            RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            RandGaussianNoised("image", std=0.05, prob=0.15),
-            RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
-            RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
+            *_scanner_intensities(),
         ]
+    if name == "intensity":
+        return [RandLateralFlipd(prob=0.5), *_scanner_intensities()]
     return []
+
+
+def _scanner_intensities() -> list:
+    """What a scanner adds to the voxel values, with nnU-Net's ranges; no voxel moves."""
+    return [
+        RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.3),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandGaussianNoised("image", std=0.05, prob=0.15),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+        RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
+    ]
 
 
 class StudyAugmentation:
