@@ -19,8 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m simulations.demo --data data/demo --run-dir runs/demo --flower-home .flwr
 
+# Test files run in TEST_WORKERS processes, each file whole in one of them (its module fixtures,
+# such as a running deployment, are built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Wheels of everything a site needs, for hospitals without internet access: build it on a machine
 # with the site's OS, CPU architecture and Python, copy it over, then
