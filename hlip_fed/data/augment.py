@@ -16,11 +16,10 @@ Presets (``data.augment``); ranges follow HLIP's description, SynthSeg's and nnU
   translation 5 %), combined in one in eight warps with an elastic deformation (a random field
   smoothed by a Gaussian of 5-7 voxels: displacements of about 1 voxel RMS, up to 2; dense 3D
   elastic warps are the costliest transform, docs/benchmarks.md); then scanner randomisation, each
-  with nnU-Net's
-  ranges: a smooth multiplicative bias field (p 0.3), gamma 0.7-1.5 (p 0.3), contrast x0.75-1.25
-  about the mean (p 0.15), brightness x0.75-1.25 (p 0.15), Gaussian noise with a standard
-  deviation up to 0.05 of the range (p 0.15), Gaussian blur of 0.5-1 voxel (p 0.2) and simulated
-  low resolution (down to half, p 0.25).
+  with nnU-Net's ranges: a smooth multiplicative bias field (p 0.3), gamma 0.7-1.5 (p 0.3),
+  contrast x0.75-1.25 about the mean (p 0.15), brightness x0.75-1.25 (p 0.15), Gaussian noise with
+  a standard deviation up to 0.05 of the range (p 0.15), Gaussian blur of 0.5-1 voxel (p 0.2) and
+  simulated low resolution (down to half, p 0.25).
 * ``intensity``: ``scanner`` without the warp: the mirror and the scanner randomisation only, so
   a structure keeps its size and place (a whole-brain trait such as atrophy is read from sizes).
 
