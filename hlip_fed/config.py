@@ -160,7 +160,7 @@ class DataConfig:
     # Evaluation always reads the first ``max_scans`` in manifest order. null: no sampling.
     train_scans: int | None = None
     # Image augmentation of training studies at the site (hlip_fed/data/augment.py): "none",
-    # "light" (mirror with the report's sides swapped, affine, brightness) or "scanner" (light plus
+    # "light" (mirror with the report's sides swapped, affine, brightness), "scanner" (light plus
     # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution) or
     # "intensity" (scanner without the warp: mirror and the intensity transforms only).
     augment: Literal["none", "light", "scanner", "intensity"] = "none"
