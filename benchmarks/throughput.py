@@ -16,10 +16,12 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
 * the levers added one after another: ``+ linear patch embedding`` (the same weights applied as
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
   kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (long windows' attention in fp32);
-* ``defaults``: the preset as it is configured now; ``defaults + Conv3d patch embedding`` (the
-  one lever whose sign differs between CPUs, measured with all the others); ``defaults +
-  bf16-held tower`` (``train.precision: bf16-held``: the vision tower's weights and activations in
-  bf16, fp32 master weights; its training-loss curve is measured beside the defaults'); and the defaults
+* ``defaults``: the preset as it is configured now, in the precision ``train.precision: auto``
+  resolves to on this machine; ``defaults + Conv3d patch embedding`` (the one lever whose sign
+  differs between CPUs, measured with all the others); the defaults in the other precision
+  ``auto`` chooses between: ``defaults in fp32`` on a CPU with bf16 instructions, ``defaults +
+  bf16-held tower`` elsewhere (the vision tower's weights and activations in bf16, fp32 master
+  weights), its training-loss curve measured beside the defaults'; and the defaults
   plus each lever they leave off: a DataLoader worker process prefetching batches, and
   ``torch.compile`` of the vision tower (its compile time reported apart; skipped with
   ``--quick``). These two start processes that outlive their steps (the worker, inductor's
@@ -40,6 +42,7 @@ copies, loss and projections, optimiser (clipping included), other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -88,14 +91,24 @@ def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
                          ("+ scans kept in memory", {"memory_cache_mb": 1024}),
                          ("+ bf16 autocast", {"precision": "bf16"})):
         steps.append(derive(steps[-1], name=name, **change))
-    kept = Variant("defaults", precision=defaults.train.precision, conv_patch_embed=False, skip_padded=True,
+    from hlip_fed.training.train import step_precision
+
+    precision = step_precision(defaults.train, masked=defaults.model.loss.name == "masked")
+    kept = Variant("defaults", precision=precision, conv_patch_embed=False, skip_padded=True,
                    fused=defaults.train.fused_optimizer, workers=defaults.data.num_workers,
                    memory_cache_mb=defaults.data.memory_cache_mb)
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []
     if not quick:
         extra.append(derive(kept, name="defaults + torch.compile", compile=True))
     return steps + [kept, derive(kept, name="defaults + Conv3d patch embedding", conv_patch_embed=True),
-                    derive(kept, name="defaults + bf16-held tower", precision="bf16-held")], extra
+                    other_precision(kept)], extra
+
+
+def other_precision(kept: Variant) -> Variant:
+    """The defaults in the other precision ``train.precision: auto`` chooses between on a CPU."""
+    if kept.precision == "bf16-held":
+        return derive(kept, name="defaults in fp32", precision="fp32")
+    return derive(kept, name="defaults + bf16-held tower", precision="bf16-held")
 
 
 def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
@@ -277,17 +290,18 @@ def vision_step_seconds(site: Site, repeats: int) -> tuple[float, list[int]]:
     """Median time of the vision tower's forward + backward on one batch held in memory."""
     import torch
 
+    from hlip_fed.training.bf16_tower import Bf16Tower
     from hlip_fed.training.train import autocast
 
     images, mask, _, _ = next(site.batches)
-    visual = site.model.visual
-    visual.train()
+    held = Bf16Tower(site.model) if site.variant.precision == "bf16-held" else None
+    site.model.visual.train()
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        with autocast(site.cfg.train):
-            out = visual(images, mask)
-        out.float().sum().backward()
+        with held.step() if held else contextlib.nullcontext(), autocast(site.cfg.train):
+            out = site.model.visual(images, mask)
+            out.float().sum().backward()
         if i:
             times.append(time.perf_counter() - t0)
     site.model.zero_grad(set_to_none=True)
@@ -396,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["speedup"] = r["studies_per_s"] / rows[0]["studies_per_s"]
             flops = step_flops(spec, new.model.visual.levels, scans)
             achieved = flops / vision_s
-            precision = new.cfg.train.precision if new.cfg.train.precision in peak else "fp32"
+            precision = {"bf16-held": "bf16"}.get(new.variant.precision, new.variant.precision)
+            precision = precision if precision in peak else "fp32"
             results[preset] = {
                 "rows": rows,
                 "speedup": next(r["speedup"] for r in rows if r["variant"] == "defaults"),
@@ -419,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 curves = {v.name: [loss_curve(preset, overrides, derive(v),
                                               seed, args.curve_steps, data_dir, Path(tmp) / preset / "state")
                                    for seed in range(args.curve_seeds)]
-                          for v in (runs[0], new.variant, sites["defaults + bf16-held tower"].variant)}
+                          for v in (runs[0], new.variant, sites[other_precision(new.variant).name].variant)}
                 results[preset]["loss_curves"] = {"steps": args.curve_steps, "curves": curves,
                                                   **compare_curves(curves, max(1, args.curve_steps // 8))}
                 c = results[preset]["loss_curves"]

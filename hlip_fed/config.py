@@ -188,7 +188,9 @@ class TrainConfig:
     # bf16 and fp16: autocast (fp16 only on CUDA). bf16-held: the vision tower's weights and activations
     # in bf16 for the step, the model's fp32 weights stepped by the optimiser (hlip_fed/training/bf16_tower.py);
     # the rest in fp32. bf16 trains fast only on CPUs with bf16 instructions (docs/benchmarks.md, section 9).
-    precision: Literal["fp32", "bf16", "bf16-held", "fp16"] = "fp32"
+    # auto: bf16-held on such a CPU, fp32 elsewhere and for masked image modelling; each site
+    # resolves it on its own machine (hlip_fed.training.train.step_precision).
+    precision: Literal["auto", "fp32", "bf16", "bf16-held", "fp16"] = "auto"
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     fused_optimizer: bool = True  # AdamW's fused kernel instead of its for-each kernels (benchmarks/throughput.py)
@@ -201,8 +203,8 @@ class TrainConfig:
     @property
     def autocast_precision(self) -> str:
         """The precision the step autocasts to: bf16-held holds the vision tower in bf16 itself and
-        autocasts nothing."""
-        return "fp32" if self.precision == "bf16-held" else self.precision
+        autocasts nothing, and auto resolves to bf16-held or fp32."""
+        return "fp32" if self.precision in ("auto", "bf16-held") else self.precision
 
 
 @dataclass
@@ -446,6 +448,18 @@ def config_hash(cfg: Any) -> str:
     """A short stable digest of a config (or section), used to key caches and checkpoints."""
     data = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def site_precision(node_config: dict, name: str) -> str | None:
+    """The site's ``precision`` node setting: the ``train.precision`` its machine trains in, whatever
+    the run asks (the hardware is the site's)."""
+    value = node_config.get("precision")
+    if value is None or value == "":
+        return None
+    choices = get_args(get_type_hints(TrainConfig)["precision"])
+    if str(value).strip() not in choices:
+        raise ConfigError(f"site {name}: node config precision={value!r} is not one of {', '.join(choices)}")
+    return str(value).strip()
 
 
 def site_memory_limit(node_config: dict, name: str) -> int | None:

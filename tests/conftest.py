@@ -14,6 +14,8 @@ TINY_BERT = [
     "model.text.pretrained=false",
     "model.text.overrides={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
 ]
+# Tests train in fp32 on every CPU; ``train.precision: auto`` (the default) has tests of its own.
+FP32 = ["train.precision=fp32"]
 
 
 @pytest.fixture
@@ -21,11 +23,11 @@ def tiny_cfg():
     """The tiny preset with a one-layer random BERT on MiniLM's vocabulary (fast to build)."""
     from hlip_fed.config import load_config
 
-    return load_config("tiny", overrides=TINY_BERT)
+    return load_config("tiny", overrides=TINY_BERT + FP32)
 
 
 # A federation small enough for CI: 16x32x32 scans (8 patch tokens each), a one-layer text tower.
-FAST_RUN = TINY_BERT + [
+FAST_RUN = TINY_BERT + FP32 + [
     "model.vision.img_size=[16, 32, 32]",
     "federation.local_steps=2",
     "federation.rounds=2",

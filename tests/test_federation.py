@@ -248,6 +248,22 @@ def test_a_site_bounds_the_scans_it_keeps_in_memory_whatever_the_run_asks(mini_c
         resolve_site(rc, {"partition-id": 0, "num-partitions": 3, "memory-cache-mb": "lots"})
 
 
+def test_a_sites_precision_setting_wins_over_the_runs(mini_consortium, tmp_path, caplog):
+    from hlip_fed.errors import HlipError
+    from hlip_fed.federation.local import LocalSite
+    from hlip_fed.federation.run import resolve_site
+
+    rc = run_config(mini_consortium, tmp_path, "train.precision=bf16")
+    node = {"partition-id": 0, "num-partitions": 3}
+    assert LocalSite(config_from_run(rc), resolve_site(rc, node)).cfg.train.precision == "bf16"
+    with caplog.at_level("INFO", logger="hlip_fed.federation"):
+        local = LocalSite(config_from_run(rc), resolve_site(rc, {**node, "precision": "fp32"}))
+    assert local.cfg.train.precision == "fp32"
+    assert "site site0: training precision fp32" in caplog.text
+    with pytest.raises(HlipError, match="site site0: node config precision='fp8' is not one of auto, fp32"):
+        resolve_site(rc, {**node, "precision": "fp8"})
+
+
 def test_truth_labels_that_do_not_apply_read_as_unknown(tmp_path):
     """A null label (the size of an absent lesion) is -1, which the metrics leave out."""
     from hlip_fed.errors import HlipError

@@ -269,7 +269,7 @@ def test_server_cert_needs_the_ca_key(tmp_path):
         reissue_server_cert(tmp_path, "a.example.org", force=True)
 
 
-def test_a_site_start_refuses_a_memory_bound_that_is_not_a_number(pki, tmp_path):
+def test_a_site_start_refuses_a_memory_bound_or_precision_it_cannot_use(pki, tmp_path):
     from hlip_fed.deploy.supernode import SuperNodeConfig
 
     key = create_site_key("hospital-a", tmp_path / "keys").private
@@ -280,4 +280,9 @@ def test_a_site_start_refuses_a_memory_bound_that_is_not_a_number(pki, tmp_path)
     assert "memory-cache-mb=" in cfg.node_config()
     cfg.extra["memory-cache-mb"] = "-1"
     with pytest.raises(HlipError, match="site hospital-a: node config memory-cache-mb='-1'"):
+        cfg.validate()
+    cfg.extra.update({"memory-cache-mb": "512", "precision": "bf16-held"})
+    cfg.validate()
+    cfg.extra["precision"] = "half"
+    with pytest.raises(HlipError, match="site hospital-a: node config precision='half'"):
         cfg.validate()

@@ -96,6 +96,40 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_named(small_cfg, monkeypatch
     assert emulated_precision(bf16) is None
 
 
+def test_auto_precision_holds_the_tower_in_bf16_only_where_the_cpu_multiplies_bf16(small_cfg, monkeypatch):
+    from hlip_fed.training.train import emulated_precision, step_precision
+
+    auto = dataclasses.replace(small_cfg.train, precision="auto")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert step_precision(auto) == "bf16-held"
+    assert step_precision(auto, masked=True) == "fp32"  # the tower is held in bf16 for the contrastive losses
+    assert step_precision(dataclasses.replace(auto, precision="bf16-held"), masked=True) == "fp32"
+    assert step_precision(dataclasses.replace(auto, device="cuda")) == "fp32"
+    for explicit in ("fp32", "bf16", "bf16-held"):
+        assert step_precision(dataclasses.replace(auto, precision=explicit)) == explicit
+    for caps in ({"avx512_bf16": False, "amx_bf16": False}, {}):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert step_precision(auto) == "fp32"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
+    assert step_precision(auto) == "bf16-held"
+    assert auto.autocast_precision == "fp32" and emulated_precision(auto) is None
+
+
+def test_auto_precision_trains_as_the_precision_it_resolves_to(small_cfg, monkeypatch):
+    fp32 = dataclasses.replace(small_cfg.train, lr=3e-3, warmup_steps=0)
+    losses = {}
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda native=native: {"avx512_bf16": native})
+        for precision in ("auto", "bf16-held" if native else "fp32"):
+            model, tok = create_model(small_cfg.model, seed=0), create_tokenizer(small_cfg.model)
+            torch.manual_seed(0)
+            cfg = dataclasses.replace(fp32, precision=precision)
+            losses[native, precision] = train_steps(model, tok, batches(cfg), cfg, steps=3).losses
+    assert losses[True, "auto"] == losses[True, "bf16-held"]
+    assert losses[False, "auto"] == losses[False, "fp32"]
+    assert losses[True, "auto"] != losses[False, "auto"]
+
+
 def test_a_site_asked_for_emulated_bf16_says_so_in_its_log(mini_consortium, tmp_path, monkeypatch, caplog):
     from conftest import FAST_RUN
 

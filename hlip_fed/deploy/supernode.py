@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hlip_fed.config import site_memory_limit
+from hlip_fed.config import site_memory_limit, site_precision
 from hlip_fed.deploy.superlink import flower_executable
 from hlip_fed.errors import HlipError
 from hlip_fed.security.files import check_private_mode, write_secret
@@ -84,6 +84,7 @@ class SuperNodeConfig:
         if self.truth is not None and not Path(self.truth).is_file():
             raise HlipError(f"{self.truth}: truth file not found")
         site_memory_limit(self.extra, self.site_name)  # a bad value stops the start, not the first round
+        site_precision(self.extra, self.site_name)
 
     def node_config(self) -> str:
         entries = {"data-path": str(Path(self.data).resolve()), "state-path": str(self.state_dir.resolve()),

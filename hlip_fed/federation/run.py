@@ -24,7 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from hlip_fed.config import Config, load_config, site_memory_limit
+from hlip_fed.config import Config, load_config, site_memory_limit, site_precision
 from hlip_fed.errors import HlipError
 
 
@@ -54,6 +54,7 @@ class Site:
     state_dir: Path
     truth_path: Path | None
     memory_cache_mb: int | None = None  # the site's own bound on scans kept in memory (node config)
+    precision: str | None = None  # the site's own train.precision (node config)
 
 
 def resolve_site(run_config: dict, node_config: dict) -> Site:
@@ -64,7 +65,7 @@ def resolve_site(run_config: dict, node_config: dict) -> Site:
         truth = node_config.get("truth-path")
         state = node_config.get("state-path") or run_dir(run_config) / "sites" / name
         return Site(name, data, Path(str(state)).expanduser().resolve(), Path(str(truth)) if truth else None,
-                    site_memory_limit(node_config, name))
+                    site_memory_limit(node_config, name), site_precision(node_config, name))
     if "partition-id" not in node_config:
         raise HlipError("node config has neither data-path (deployment) nor partition-id (simulation)")
     root = run_config.get("data-root")
@@ -77,7 +78,7 @@ def resolve_site(run_config: dict, node_config: dict) -> Site:
     data = sites[pid]
     truth = Path(root) / "truth" / f"{data.name}.jsonl"
     return Site(data.name, data, run_dir(run_config) / "sites" / data.name, truth if truth.exists() else None,
-                site_memory_limit(node_config, data.name))
+                site_memory_limit(node_config, data.name), site_precision(node_config, data.name))
 
 
 def read_labels(path: Path | None) -> dict[str, dict[str, int]]:

@@ -79,6 +79,17 @@ def native_bf16() -> bool | None:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def step_precision(cfg: TrainConfig, masked: bool = False) -> str:
+    """The precision ``cfg.precision`` trains in on this machine: ``auto`` holds the vision tower in
+    bf16 on a CPU that multiplies bf16 in hardware and trains in fp32 elsewhere (CUDA included).
+    Masked image modelling (``masked``) never holds the tower in bf16 (the held tower serves the
+    contrastive losses only), so a site's ``bf16-held`` trains it in fp32."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-held" if torch.device(cfg.device).type == "cpu" and native_bf16() else "fp32"
+    return "fp32" if masked and precision == "bf16-held" else precision
+
+
 def emulated_precision(cfg: TrainConfig) -> str | None:
     """Why ``cfg.precision`` would train slower than fp32 on this machine, or None: bf16 autocast on
     a CPU without bf16 instructions emulates every bf16 product (docs/benchmarks.md, section 9)."""
@@ -145,7 +156,7 @@ def train_steps(
         prox = {k: v.to(device) for k, v in anchor.items() if k in params and params[k].requires_grad}
     stats = TrainStats()
     model.train()
-    held = Bf16Tower(model) if cfg.precision == "bf16-held" else None
+    held = Bf16Tower(model) if step_precision(cfg, masked=model.masked is not None) == "bf16-held" else None
     t0 = time.perf_counter()
     bar = tqdm(total=steps, desc="local training", unit="step", leave=False, disable=None)
     for i in range(steps):
