@@ -160,10 +160,11 @@ class DataConfig:
     # Evaluation always reads the first ``max_scans`` in manifest order. null: no sampling.
     train_scans: int | None = None
     # Image augmentation of training studies at the site (hlip_fed/data/augment.py): "none",
-    # "light" (mirror with the report's sides swapped, affine, brightness), "scanner" (light plus
-    # an occasional elastic warp and bias field, gamma, contrast, noise, blur, low resolution) or
-    # "intensity" (scanner without the warp: mirror and the intensity transforms only).
-    augment: Literal["none", "light", "scanner", "intensity"] = "none"
+    # "light" (mirror with the report's sides swapped, affine, brightness), "rigid" (light without
+    # the scaling), "scanner" (light plus an occasional elastic warp and bias field, gamma,
+    # contrast, noise, blur, low resolution) or "intensity" (scanner without the warp: mirror and
+    # the intensity transforms only).
+    augment: Literal["none", "light", "rigid", "scanner", "intensity"] = "none"
     cache_dir: str | None = None  # on-site cache of preprocessed tensors; null disables it
     # The cached tensors a dataset has read are also kept in memory, up to this many MiB per dataset
     # (a site's training or test split), so later epochs and rounds read no file (0: off)

@@ -28,7 +28,7 @@ def _named_side(report: str) -> str:
     return "right" if "right frontal" in report else "left" if "left frontal" in report else "?"
 
 
-@pytest.mark.parametrize("preset", ["light", "scanner", "intensity"])
+@pytest.mark.parametrize("preset", ["light", "rigid", "scanner", "intensity"])
 def test_truth_mask_moves_with_its_image_and_the_report_with_its_mirror(preset):
     cfg = DataConfig()
     aug = StudyAugmentation(preset, cfg, IMG)
@@ -60,6 +60,20 @@ def test_light_preset_keeps_the_block_sharp_enough_to_segment():
         seg, truth = u > 0.6 * u.max(), m[0] > 0
         dice = 2 * (seg & truth).sum() / (seg.sum() + truth.sum())
         assert dice > 0.7, (seed, float(dice))
+
+
+def test_rigid_preset_moves_a_structure_and_keeps_its_size_where_light_scales_it():
+    """``rigid`` is ``light`` without its scaling: a lesion's volume (and a head's) stays the
+    patient's, up to the resampling of its edge."""
+    cfg = DataConfig()
+    x, mask, report = _study("right")
+    change = {}
+    for preset in ("rigid", "light"):
+        aug = StudyAugmentation(preset, cfg, IMG)
+        outs = [aug(x, report, [2, 2], mask=mask, seed=seed)[2] for seed in range(24)]
+        change[preset] = [abs(m.sum().item() / mask.sum().item() - 1) for m in outs]
+        assert sum(not torch.equal(m, mask) and not torch.equal(m, mask.flip(-1)) for m in outs) >= 12  # moved
+    assert max(change["rigid"]) < 0.05 < 0.1 < max(change["light"]), change
 
 
 def test_intensity_preset_changes_intensities_and_moves_no_voxel_but_by_the_mirror():

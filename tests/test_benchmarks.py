@@ -240,7 +240,7 @@ def test_data_benchmark_times_the_cache_and_each_augmentation(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     data = json.loads(out.read_text())
     paths = [r["path"] for r in data["results"]]
-    assert paths[-3:] == [f"cached epoch, augment={preset}" for preset in ("light", "scanner", "intensity")]
+    assert paths[-4:] == [f"cached epoch, augment={preset}" for preset in ("light", "rigid", "scanner", "intensity")]
     assert all(r["seconds"] > 0 for r in data["results"])
     names = {r["transform"] for r in data["augmentation_ms"]}
     assert {"RandLateralFlipd", "RandAffined", "Rand3DElasticd", "RandBiasFieldd"} <= names

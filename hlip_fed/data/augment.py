@@ -12,6 +12,10 @@ Presets (``data.augment``); ranges follow HLIP's description, SynthSeg's and nnU
 * ``light``: left-right mirror (p 0.5, laterality words swapped); a random affine (p 0.8):
   rotation up to 15 degrees about each axis, scaling by up to 10 %, translation up to 5 % of the
   field of view (HLIP's random crop and scale); intensity jitter: brightness x0.9-1.1 (p 0.5).
+* ``rigid``: ``light`` without its scaling: the mirror, a rigid movement (p 0.8: rotation up to
+  15 degrees about each axis, translation up to 5 %) and the brightness jitter. The scans are
+  resampled to a fixed spacing, so a head's size is the patient's, and a size-read trait such as
+  atrophy stays what the report says.
 * ``scanner``: the mirror; one warp (p 0.8): the affine (rotation 15 degrees, scaling 15 %,
   translation 5 %), combined in one in eight warps with an elastic deformation (a random field
   smoothed by a Gaussian of 5-7 voxels: displacements of about 1 voxel RMS, up to 2; dense 3D
@@ -32,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from typing import get_args, get_type_hints
 
 import torch
 from monai.data import set_track_meta
@@ -53,9 +58,10 @@ from monai.transforms import (
     RandomizableTransform,
 )
 
+from hlip_fed.config import DataConfig
 from hlip_fed.data.preprocess import normalize, unit_intensity
 
-PRESETS = ("none", "light", "scanner", "intensity")
+PRESETS = get_args(get_type_hints(DataConfig)["augment"])  # none first
 _SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _SPATIAL = ("image", "mask")
 
@@ -102,10 +108,11 @@ def _affine_ranges(rotate_deg: float, scale: float, translate: float, size: Sequ
 
 def _preset(name: str, size: Sequence[int]) -> list:
     modes = {"mode": ("bilinear", "nearest"), "padding_mode": "zeros", "allow_missing_keys": True}
-    if name == "light":
+    if name in ("light", "rigid"):
+        scale = 0.10 if name == "light" else 0.0
         return [
             RandLateralFlipd(prob=0.5),
-            RandAffined(_SPATIAL, prob=0.8, **_affine_ranges(15.0, 0.10, 0.05, size), **modes),
+            RandAffined(_SPATIAL, prob=0.8, **_affine_ranges(15.0, scale, 0.05, size), **modes),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
         ]
     if name == "scanner":
