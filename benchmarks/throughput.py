@@ -25,9 +25,9 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
   plus each lever they leave off: a DataLoader worker process prefetching batches, and
   ``torch.compile`` of the vision tower (its compile time reported apart; skipped with
   ``--quick``; in fp32 where the defaults hold the tower in bf16, whose per-step copy of a
-  compiled tower does not train). These two start processes that outlive their steps (the worker, inductor's
-  compile workers) and slow every other variant of the process, so each runs after the others
-  have been measured, alone, and is shut down after.
+  compiled tower does not train). These two start processes that outlive their steps (the
+  worker, inductor's compile workers) and slow every other variant of the process, so each runs
+  after the others have been measured, alone, and is shut down after.
 
 Also measured in the same run: the GEMM peak (a 2048 x 2048 ``torch.mm``, fp32 and bf16), the model
 FLOPs of the vision step counted analytically (:func:`benchmarks.attention.forward_macs`; torch's
