@@ -92,10 +92,9 @@ def variants(defaults, quick: bool) -> tuple[list[Variant], list[Variant]]:
                          ("+ scans kept in memory", {"memory_cache_mb": 1024}),
                          ("+ bf16 autocast", {"precision": "bf16"})):
         steps.append(derive(steps[-1], name=name, **change))
-    from hlip_fed.training.train import step_precision
+    from hlip_fed.training.train import training_precision
 
-    precision = step_precision(defaults.train, masked=defaults.model.loss.name == "masked")
-    kept = Variant("defaults", precision=precision, conv_patch_embed=False, skip_padded=True,
+    kept = Variant("defaults", precision=training_precision(defaults), conv_patch_embed=False, skip_padded=True,
                    fused=defaults.train.fused_optimizer, workers=defaults.data.num_workers,
                    memory_cache_mb=defaults.data.memory_cache_mb)
     extra = [derive(kept, name="defaults + DataLoader worker", workers=1)] if kept.workers == 0 else []

@@ -61,7 +61,7 @@ from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.outputs.report import read_rounds
 from hlip_fed.synth.consortium import build_consortium
 from hlip_fed.training.evaluate import evaluate
-from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, step_precision, train_steps
+from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, train_steps, training_precision
 from simulations.inprocess import run_federation
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.train.threads)
     if slow := emulated_precision(cfg.train):
         log(f"warning: {slow}")
-    log(f"training precision {step_precision(cfg.train, masked=cfg.model.loss.name == 'masked')}")
+    log(f"training precision {training_precision(cfg)}")
     if cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(out / "cache")
         overrides = overrides + [f"data.cache_dir={cfg.data.cache_dir}"]

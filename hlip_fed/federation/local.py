@@ -35,7 +35,7 @@ from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.training.evaluate import evaluate
-from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, step_precision, train_steps
+from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, train_steps, training_precision
 
 log = logging.getLogger("hlip_fed.federation")
 
@@ -61,8 +61,7 @@ class LocalSite:
             cfg.train.precision = site.precision
         if slow := emulated_precision(cfg.train):
             log.warning("site %s: %s", site.name, slow)
-        log.info("site %s: training precision %s", site.name,
-                 step_precision(cfg.train, masked=cfg.model.loss.name == "masked"))
+        log.info("site %s: training precision %s", site.name, training_precision(cfg))
         self.model = create_model(cfg.model, seed=cfg.train.seed)
         self.tokenizer = create_tokenizer(cfg.model)
         self.keys = federated_keys(self.model, cfg.federation.groups, cfg.federation.site_local)

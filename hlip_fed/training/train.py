@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hlip_fed.config import TrainConfig
+from hlip_fed.config import Config, TrainConfig
 from hlip_fed.model import HLIP
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.model.tokenizer import ReportTokenizer
@@ -88,6 +88,11 @@ def step_precision(cfg: TrainConfig, masked: bool = False) -> str:
     if precision == "auto":
         precision = "bf16-held" if torch.device(cfg.device).type == "cpu" and native_bf16() else "fp32"
     return "fp32" if masked and precision == "bf16-held" else precision
+
+
+def training_precision(cfg: Config) -> str:
+    """The precision a run with ``cfg`` trains in on this machine (:func:`step_precision`)."""
+    return step_precision(cfg.train, masked=cfg.model.loss.name == "masked")
 
 
 def emulated_precision(cfg: TrainConfig) -> str | None:
