@@ -431,21 +431,22 @@ def sdpa_dtypes(monkeypatch):
     return seen
 
 
-def test_cpu_autocast_attends_long_windows_in_fp32(tiny_cfg, monkeypatch, sdpa_dtypes):
-    monkeypatch.setattr(vision_module, "BF16_PRODUCTS_MAX_TOKENS", 0)  # every window of this study is long
-    m = vision(tiny_cfg).train()
+def test_cpu_autocast_attends_by_bf16_products(tiny_cfg, sdpa_dtypes):
+    m = vision(tiny_cfg).train()  # every window of this study is within the bound
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(study())
     out.float().sum().backward()
-    assert sdpa_dtypes == [torch.float32] * len(m.blocks)
+    assert sdpa_dtypes == []
     assert m.blocks[0].attn.qkv.weight.grad is not None and torch.isfinite(m.blocks[0].attn.qkv.weight.grad).all()
 
 
-@pytest.mark.parametrize("tokens", [vision_module.BF16_PRODUCTS_MAX_TOKENS, vision_module.BF16_PRODUCTS_MAX_TOKENS + 1])
-def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(tokens, sdpa_dtypes):
-    """On a CPU a bf16 tower attends within a short window as two bf16 matrix products (softmax in
-    fp32) and within a long one through the fp32 kernel; both give fp32's attention to bf16 rounding,
-    and a masked key takes no part."""
+@pytest.mark.parametrize("tokens", [37, 145, 433, vision_module.BF16_PRODUCTS_MAX_TOKENS,
+                                    vision_module.BF16_PRODUCTS_MAX_TOKENS + 1])
+def test_bf16_attention_on_cpu_by_bf16_products_up_to_a_bound(tokens, sdpa_dtypes):
+    """On a CPU a bf16 tower attends within a window (the tiny presets' slice, scan and study
+    windows here) as two bf16 matrix products and a bf16 softmax, and within a window beyond the
+    bound through the fp32 kernel; both give fp32's attention to bf16 rounding, and a masked key
+    takes no part."""
     torch.manual_seed(0)
     attn = vision_module.Attention(96, 3)
     held = copy.deepcopy(attn).to(torch.bfloat16)
@@ -463,6 +464,16 @@ def test_bf16_attention_on_cpu_short_windows_by_bf16_products_long_ones_in_fp32(
     changed[1, tokens // 2:] += 5.0  # only masked keys change: the first half's rows see none of them
     again = held(changed.bfloat16(), mask)
     assert torch.equal(again[1, : tokens // 2], held(x.bfloat16(), mask)[1, : tokens // 2])
+
+
+def test_bf16_softmax_is_fp32_softmax_rounded_once():
+    """The products' softmax runs in bf16 because torch's CPU kernel computes a bf16 softmax in fp32
+    and rounds its output once: within one bf16 unit (2**-7 relative) of the fp32 softmax rounded to
+    bf16, which is what a cast to fp32 and back would give."""
+    torch.manual_seed(0)
+    scores = (torch.randn(6, 145, 145) * 4).bfloat16()
+    got, want = scores.softmax(-1), scores.float().softmax(-1).bfloat16()
+    assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float()).all()
 
 
 @pytest.mark.parametrize("levels", [["scan", "scan", "study"], ["slice", "scan", "study"]])

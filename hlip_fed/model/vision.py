@@ -36,20 +36,24 @@ def windows_per_study(level: str, n_scans: int, n_slabs: int) -> int:
     return {"slice": n_scans * n_slabs, "scan": n_scans, "study": 1}[level]
 
 
-# On a CPU, in bf16 (under autocast, or a tower held in bf16), windows of up to this many tokens
-# attend faster as two bf16 matrix products than through the attention kernel; longer ones attend
-# fastest through the kernel in fp32, whose bf16 version is slower (docs/benchmarks.md, section 9).
-BF16_PRODUCTS_MAX_TOKENS = 256
+# On a CPU, in bf16, windows of up to this many tokens attend as :func:`attend_by_products`; longer
+# ones go through the attention kernel in fp32, which does not hold a window's tokens x tokens
+# scores in memory (a paper preset's study window spans thousands of tokens).
+BF16_PRODUCTS_MAX_TOKENS = 2048
 
 
 def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention as two matrix products in ``q``'s dtype, the softmax in fp32;
-    ``attn_mask`` as :func:`F.scaled_dot_product_attention`'s boolean mask (True: attend)."""
+    """Scaled dot-product attention as two matrix products and a softmax, all in ``q``'s dtype;
+    ``attn_mask`` as :func:`F.scaled_dot_product_attention`'s boolean mask (True: attend).
+
+    On a CPU, in bf16 (under autocast, or a tower held in bf16), a window attends faster this way
+    than through the attention kernel in either precision (docs/benchmarks.md, section 9). torch's CPU softmax computes a bf16 input in fp32 and
+    rounds its output once, so casting around it would change no more than one bf16 unit."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.float().softmax(-1).to(q.dtype) @ v
+    return scores.softmax(-1) @ v
 
 
 class Attention(nn.Module):
