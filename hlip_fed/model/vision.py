@@ -51,8 +51,8 @@ def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     than through the attention kernel in either precision (docs/benchmarks.md, section 9). torch's CPU softmax computes a bf16 input in fp32 and
     rounds its output once, so casting around it would change no more than one bf16 unit."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:  # added as 0 or -inf: one pass, and none in the backward
+        scores.add_(attn_mask.new_zeros(attn_mask.shape, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf")))
     return scores.softmax(-1) @ v
 
 
