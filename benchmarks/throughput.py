@@ -115,17 +115,20 @@ def other_precision(kept: Variant) -> Variant:
 
 def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
     """Put back the vision tower's former forward pieces: the patch embedding as one Conv3d over
-    every scan, and scan and slice blocks over the padded scans' windows too."""
+    every scan, and the patch embedding and the scan and slice blocks over the padded scans too."""
     import torch.nn.functional as F
 
-    def conv_forward(self, x):
+    def conv_forward(self, x, scan_mask=None):
         b, n = x.shape[:2]
-        y = F.conv3d(x.flatten(0, 1), self.proj.weight, self.proj.bias, stride=self.patch_size)
+        y = F.conv3d(x.flatten(0, 1).to(self.proj.weight.dtype), self.proj.weight, self.proj.bias, stride=self.patch_size)
         c, gd, gh, gw = y.shape[1:]
         return y.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
 
     if conv_patch_embed:
         visual.patch_embed.forward = types.MethodType(conv_forward, visual.patch_embed)
+    elif not skip_padded:
+        visual.patch_embed.forward = types.MethodType(lambda self, x, scan_mask=None: self.tokens(x, None),
+                                                      visual.patch_embed)
     if not skip_padded:
         visual._real_windows = lambda x, *_: (x, None)
 

@@ -18,7 +18,7 @@ from hlip_fed.model import HLIP, create_model, create_tokenizer
 from hlip_fed.model import vision as vision_module
 from hlip_fed.model.loss import clip_loss, siglip_loss
 from hlip_fed.model.pos_embed import scan_slots, sincos_1d, sincos_3d
-from hlip_fed.model.vision import HLIPVisionTransformer
+from hlip_fed.model.vision import HLIPVisionTransformer, cut_patches
 
 
 def vision(cfg, levels=None, mode="hierarchical", **changes):
@@ -415,6 +415,37 @@ def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
     assert tokens.shape == (2, 3, gd, gh * gw, c)
     torch.testing.assert_close(tokens, conv.permute(0, 2, 3, 4, 1).reshape(2, 3, gd, gh * gw, c),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_patches_cut_in_another_dtype_are_the_cut_patches_cast():
+    x = study(b=2, n=3, size=(35, 100, 97))
+    torch.testing.assert_close(cut_patches(x, (8, 16, 16), torch.bfloat16), cut_patches(x, (8, 16, 16)).bfloat16(),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("stem", ["patch", "patch_quantiles"])
+def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(tiny_cfg, stem, monkeypatch):
+    """Given the scan mask, only the real scans are cut and embedded: a padded scan's tokens are
+    zero (no part of a real output reads them) and each real scan's tokens are those it has alone."""
+    m = vision(tiny_cfg, stem=stem)
+    if stem == "patch_quantiles":
+        torch.nn.init.normal_(m.patch_embed.quantile_proj.weight)
+    x = study(b=2, n=3)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    x[~mask] = 0.0  # as collate_studies pads
+    cut, cut_patches = [], vision_module.cut_patches
+
+    def counting(v, patch_size, dtype=None, rows=None):  # the scans each call cuts
+        cut.append(math.prod(v.shape[:-3]) if rows is None else len(rows))
+        return cut_patches(v, patch_size, dtype, rows)
+
+    monkeypatch.setattr(vision_module, "cut_patches", counting)
+    with torch.no_grad():
+        tokens, alone = m.patch_embed(x, mask), m.patch_embed(x)
+    assert cut == [3, 6]
+    assert tokens.shape == alone.shape
+    assert (tokens[~mask] == 0).all()
+    torch.testing.assert_close(tokens[mask], alone[mask], atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture

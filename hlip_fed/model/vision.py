@@ -118,13 +118,22 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def cut_patches(x: torch.Tensor, patch_size) -> torch.Tensor:
+def cut_patches(x: torch.Tensor, patch_size, dtype: torch.dtype | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """The voxels of each whole patch of ``x`` ``[..., D, H, W]`` in the tower's token order:
-    ``[..., gd, gh*gw, pd*ph*pw]`` (voxels beyond a whole patch are dropped, as a Conv3d drops them)."""
+    ``[..., gd, gh*gw, pd*ph*pw]`` (voxels beyond a whole patch are dropped, as a Conv3d drops them),
+    in ``dtype`` (default: ``x``'s), cast and cut in one copy. With ``rows``, only those volumes of
+    ``x`` (indices into its volumes in order) are cut: ``[len(rows), gd, gh*gw, pd*ph*pw]``."""
     (pd, ph, pw), (d, h, w) = patch_size, x.shape[-3:]
     gd, gh, gw = d // pd, h // ph, w // pw
-    blocks = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(-1, gd, pd, gh, ph, gw, pw)
-    return blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(*x.shape[:-3], gd, gh * gw, pd * ph * pw)
+    blocks = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(-1, gd, pd, gh, ph, gw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+    if rows is None:
+        patches = torch.empty(blocks.shape, dtype=dtype or x.dtype, device=x.device).copy_(blocks)
+        return patches.reshape(*x.shape[:-3], gd, gh * gw, pd * ph * pw)
+    patches = torch.empty(len(rows), *blocks.shape[1:], dtype=dtype or x.dtype, device=x.device)
+    for i, row in enumerate(rows.tolist()):  # no gathered copy of the volumes first
+        patches[i].copy_(blocks[row])
+    return patches.reshape(len(rows), gd, gh * gw, pd * ph * pw)
 
 
 class PatchEmbed3D(nn.Module):
@@ -133,7 +142,9 @@ class PatchEmbed3D(nn.Module):
 
     The weights are the Conv3d's (``proj``); the forward cuts the scans into patches and applies
     them as one linear layer, which is the same function (voxels beyond a whole patch are dropped,
-    as the convolution drops them) and is faster than CPU 3D convolution, in bf16 above all.
+    as the convolution drops them) and is faster than CPU 3D convolution, in bf16 above all. Given
+    the scan mask it cuts and embeds the real scans only; a padded scan's tokens are zero, which no
+    real output reads (the tower hides them).
     """
 
     def __init__(self, patch_size: tuple[int, int, int], dim: int):
@@ -141,17 +152,25 @@ class PatchEmbed3D(nn.Module):
         self.patch_size = tuple(patch_size)
         self.proj = nn.Conv3d(1, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, P]``: each patch's voxels, channel axis dropped."""
-        patches = cut_patches(x, self.patch_size)
-        return patches.reshape(*x.shape[:2], *patches.shape[-3:])
+    def patches(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, P]`` (with ``rows``, the scans ``x.flatten(0, 1)[rows]``:
+        ``[R, gd, gh*gw, P]``): each patch's voxels in the weights' dtype, channel axis dropped."""
+        return cut_patches(x[:, :, 0], self.patch_size, self.proj.weight.dtype, rows)
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """The Conv3d's weights applied to :meth:`patches`' output as one linear layer."""
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.patches(x))
+    def tokens(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`patches`' scans embedded: ``[B, N, gd, gh*gw, C]`` or ``[R, gd, gh*gw, C]``."""
+        return self.embed(self.patches(x, rows))
+
+    def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if scan_mask is None or bool(scan_mask.all()):
+            return self.tokens(x, None)
+        rows = scan_mask.reshape(-1).nonzero().squeeze(1)
+        real = self.tokens(x, rows)
+        return real.new_zeros(scan_mask.numel(), *real.shape[1:]).index_copy(0, rows, real).unflatten(0, scan_mask.shape)
 
 
 # The quantiles of each patch's voxels that :class:`QuantilePatchEmbed3D` reads.
@@ -180,8 +199,8 @@ class QuantilePatchEmbed3D(PatchEmbed3D):
         ranks = (PATCH_QUANTILES * (patches.shape[-1] - 1)).round().long().to(patches.device)
         return patches.sort(dim=-1).values[..., ranks]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.patches(x)
+    def tokens(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        patches = self.patches(x, rows)
         return self.embed(patches) + self.quantile_proj(self.quantiles(patches))
 
 
@@ -205,9 +224,10 @@ class ConvStem3D(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv3d(chans, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every scan, the padded ones too (``scan_mask`` is :class:`PatchEmbed3D`'s interface)."""
         b, n = x.shape[:2]
-        x = self.proj(self.convs(x.flatten(0, 1)))  # [B*N, C, gd, gh, gw]
+        x = self.proj(self.convs(x.flatten(0, 1).to(self.proj.weight.dtype)))  # [B*N, C, gd, gh, gw]
         c, gd, gh, gw = x.shape[1:]
         return x.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
 
@@ -296,7 +316,7 @@ class HLIPVisionTransformer(nn.Module):
               mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens with position embeddings, ``[B, N, S, T, C]``; where ``hidden [B, N, S, T]``
         is True, the patch's embedding is ``mask_token`` instead (masked image modelling)."""
-        x = self.patch_embed(images.to(self.cls_token.dtype))  # a tower held in bf16 takes fp32 scans
+        x = self.patch_embed(images, scan_mask)
         if hidden is not None:
             x = torch.where(hidden[..., None], mask_token.to(x.dtype), x)
         b, n, s, t, c = x.shape
