@@ -256,11 +256,11 @@ def classify(event, spec: ModelSpec) -> str:
     name = event.name
     dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
     voxels = spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2]
-    if "conv" in name or voxels in dims:
-        return "patch embedding"
-    if "attention" in name:
-        return "attention"
-    if name in ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm"):
+    if "conv" in name or voxels in dims or (name == "aten::copy_" and any(len(s or ()) == 7 for s in event.input_shapes)):
+        return "patch embedding"  # a copy of a 7-axis view: cutting the scans into patches
+    if "attention" in name or name in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
+        return "attention"  # the kernel, or a window's two batched products and softmax
+    if name in ("aten::mm", "aten::addmm", "aten::linear"):
         hidden = int(spec.width * spec.mlp_ratio)
         if hidden in dims and spec.width in dims:
             return "MLP"
