@@ -11,11 +11,12 @@ Variants, for each preset (``demo``: the tiny HLIP of ``make demo``; ``learning`
 ``simulations.compare``), all with the preset's batch size raised to ``--batch``:
 
 * ``baseline``: the settings before this benchmark existed: fp32, eager, the patch embedding
-  as a 3D convolution, scan and slice blocks over padded scans too, AdamW with its for-each
-  kernels, no DataLoader worker, every scan read from its on-site cache file;
+  as a 3D convolution, the patch embedding and scan and slice blocks over padded scans too, AdamW
+  with its for-each kernels, no DataLoader worker, every scan read from its on-site cache file;
 * the levers added one after another: ``+ linear patch embedding`` (the same weights applied as
   one linear layer over the cut patches), ``+ skip padded scans``, ``+ fused AdamW``, ``+ scans
-  kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (long windows' attention in fp32);
+  kept in memory`` (``data.memory_cache_mb``), ``+ bf16 autocast`` (a window's attention as bf16
+  products);
 * ``defaults``: the preset as it is configured now, in the precision ``train.precision: auto``
   resolves to on this machine; ``defaults + Conv3d patch embedding`` (the one lever whose sign
   differs between CPUs, measured with all the others); the defaults in the other precision
@@ -34,8 +35,9 @@ FLOPs of the vision step counted analytically (:func:`benchmarks.attention.forwa
 FLOP counter skips CPU attention), the vision step alone (forward + backward on a batch held in
 memory) for ``roofline_fraction`` (its FLOP/s over the peak of the precision it trains in), and a
 profile of where a step's time goes, by operation (torch.profiler, self time): data, text side,
-patch embedding, attention (QKV, kernel, output projection), MLP, norms, token regrouping and
-copies, loss and projections, optimiser (clipping included), other.
+patch embedding (cutting and products), attention (QKV, the kernel or the window's products and
+softmax, output projection), MLP, norms, token regrouping and copies, loss and projections,
+optimiser (clipping included), other.
 
     python -m benchmarks.throughput --data data/demo --json throughput.json
 """
