@@ -426,7 +426,8 @@ def test_patches_cut_in_another_dtype_are_the_cut_patches_cast():
 @pytest.mark.parametrize("stem", ["patch", "patch_quantiles"])
 def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(tiny_cfg, stem, monkeypatch):
     """Given the scan mask, only the real scans are cut and embedded: a padded scan's tokens are
-    zero (no part of a real output reads them) and each real scan's tokens are those it has alone."""
+    zero (no part of a real output reads them) and each real scan's tokens are those it has when
+    every scan is embedded."""
     m = vision(tiny_cfg, stem=stem)
     if stem == "patch_quantiles":
         torch.nn.init.normal_(m.patch_embed.quantile_proj.weight)
@@ -441,11 +442,11 @@ def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(ti
 
     monkeypatch.setattr(vision_module, "cut_patches", counting)
     with torch.no_grad():
-        tokens, alone = m.patch_embed(x, mask), m.patch_embed(x)
+        tokens, every = m.patch_embed(x, mask), m.patch_embed(x)
     assert cut == [3, 6]
-    assert tokens.shape == alone.shape
+    assert tokens.shape == every.shape
     assert (tokens[~mask] == 0).all()
-    torch.testing.assert_close(tokens[mask], alone[mask], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tokens[mask], every[mask], atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture

@@ -48,11 +48,13 @@ def attend_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``attn_mask`` as :func:`F.scaled_dot_product_attention`'s boolean mask (True: attend).
 
     On a CPU, in bf16 (under autocast, or a tower held in bf16), a window attends faster this way
-    than through the attention kernel in either precision (docs/benchmarks.md, section 9). torch's CPU softmax computes a bf16 input in fp32 and
-    rounds its output once, so casting around it would change no more than one bf16 unit."""
+    than through the attention kernel in either precision (docs/benchmarks.md, section 9). torch's
+    CPU softmax computes a bf16 input in fp32 and rounds its output once, so casting around it
+    would change no more than one bf16 unit."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:  # added as 0 or -inf: one pass, and none in the backward
-        scores.add_(attn_mask.new_zeros(attn_mask.shape, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf")))
+        hidden = attn_mask.new_zeros(attn_mask.shape, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
+        scores.add_(hidden)
     return scores.softmax(-1) @ v
 
 
@@ -126,7 +128,8 @@ def cut_patches(x: torch.Tensor, patch_size, dtype: torch.dtype | None = None,
     ``x`` (indices into its volumes in order) are cut: ``[len(rows), gd, gh*gw, pd*ph*pw]``."""
     (pd, ph, pw), (d, h, w) = patch_size, x.shape[-3:]
     gd, gh, gw = d // pd, h // ph, w // pw
-    blocks = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(-1, gd, pd, gh, ph, gw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+    blocks = x[..., : gd * pd, : gh * ph, : gw * pw].reshape(-1, gd, pd, gh, ph, gw, pw)
+    blocks = blocks.permute(0, 1, 3, 5, 2, 4, 6)
     if rows is None:
         patches = torch.empty(blocks.shape, dtype=dtype or x.dtype, device=x.device).copy_(blocks)
         return patches.reshape(*x.shape[:-3], gd, gh * gw, pd * ph * pw)
@@ -153,8 +156,9 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(1, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def patches(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, P]`` (with ``rows``, the scans ``x.flatten(0, 1)[rows]``:
-        ``[R, gd, gh*gw, P]``): each patch's voxels in the weights' dtype, channel axis dropped."""
+        """``[B, N, 1, D, H, W] -> [B, N, gd, gh*gw, P]`` (with ``rows``, the scans
+        ``x.flatten(0, 1)[rows]``: ``[R, gd, gh*gw, P]``): each patch's voxels in the weights'
+        dtype, channel axis dropped."""
         return cut_patches(x[:, :, 0], self.patch_size, self.proj.weight.dtype, rows)
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
@@ -170,7 +174,8 @@ class PatchEmbed3D(nn.Module):
             return self.tokens(x, None)
         rows = scan_mask.reshape(-1).nonzero().squeeze(1)
         real = self.tokens(x, rows)
-        return real.new_zeros(scan_mask.numel(), *real.shape[1:]).index_copy(0, rows, real).unflatten(0, scan_mask.shape)
+        tokens = real.new_zeros(scan_mask.numel(), *real.shape[1:]).index_copy(0, rows, real)
+        return tokens.unflatten(0, scan_mask.shape)
 
 
 # The quantiles of each patch's voxels that :class:`QuantilePatchEmbed3D` reads.
@@ -227,7 +232,8 @@ class ConvStem3D(nn.Module):
     def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every scan, the padded ones too (``scan_mask`` is :class:`PatchEmbed3D`'s interface)."""
         b, n = x.shape[:2]
-        x = self.proj(self.convs(x.flatten(0, 1).to(self.proj.weight.dtype)))  # [B*N, C, gd, gh, gw]
+        x = x.flatten(0, 1).to(self.proj.weight.dtype)
+        x = self.proj(self.convs(x))  # [B*N, C, gd, gh, gw]
         c, gd, gh, gw = x.shape[1:]
         return x.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
 

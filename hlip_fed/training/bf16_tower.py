@@ -4,9 +4,9 @@ On a CPU with bf16 instructions a bf16 matrix product is several times faster th
 autocast casts every weight and activation between the two around each operation, which costs
 more than it saves on the tiny tower (docs/benchmarks.md, section 9). Here a bf16 copy of the
 vision tower runs the step's forward and backward instead: weights and activations stay in bf16
-(only a window beyond 2048 tokens attends in fp32, :class:`hlip_fed.model.vision.Attention`), while the model
-keeps its fp32 weights, which the optimiser steps (master weights) and which every other part of
-the project (evaluation, federation, checkpoints) reads as before.
+(only a window beyond 2048 tokens attends in fp32, :class:`hlip_fed.model.vision.Attention`), while
+the model keeps its fp32 weights, which the optimiser steps (master weights) and which every other
+part of the project (evaluation, federation, checkpoints) reads as before.
 """
 
 from __future__ import annotations
