@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -174,7 +175,7 @@ class Site:
         from hlip_fed.data.dataset import collate_studies
         from hlip_fed.federation.local import LocalSite
         from hlip_fed.federation.run import Site as SiteSpec
-        from hlip_fed.training.train import cycle, make_optimizer
+        from hlip_fed.training.train import cycle, make_optimizer, scan_dtype
 
         cfg.train.precision = variant.precision
         cfg.train.fused_optimizer = variant.fused
@@ -188,7 +189,8 @@ class Site:
         self.optimizer = make_optimizer(self.model, cfg.train)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         self.loader = DataLoader(self.local.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-                                 collate_fn=collate_studies, num_workers=variant.workers, drop_last=True,
+                                 collate_fn=functools.partial(collate_studies, dtype=scan_dtype(variant.precision)),
+                                 num_workers=variant.workers, drop_last=True,
                                  persistent_workers=variant.workers > 0)
         self.batches = cycle(self.loader, cfg.train.seed)
         self.step = 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import shlex
@@ -61,7 +62,8 @@ from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.outputs.report import read_rounds
 from hlip_fed.synth.consortium import build_consortium
 from hlip_fed.training.evaluate import evaluate
-from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, train_steps, training_precision
+from hlip_fed.training.train import (cycle, emulated_precision, make_optimizer, scan_dtype, train_steps,
+                                    training_precision)
 from simulations.inprocess import run_federation
 
 # results.json key -> evaluate()'s metric, and the column heading in results.md
@@ -146,14 +148,16 @@ class Consortium:
         """Study id -> labels of every kept site's studies, in one mapping."""
         return {i: y for labels in self.site_labels.values() for i, y in labels.items()}
 
-    def loader(self, dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        """Batches of ``dataset``; a shuffled (training) loader reads and augments studies in
-        ``data.num_workers`` worker processes, kept for every pass, and over several sites with
-        ``train.site_batches`` draws each batch from one site."""
+    def loader(self, dataset, shuffle: bool = False, seed: int = 0, dtype: torch.dtype | None = None) -> DataLoader:
+        """Batches of ``dataset``, their scans in ``dtype`` (default: as the cache holds them); a
+        shuffled (training) loader reads and augments studies in ``data.num_workers`` worker
+        processes, kept for every pass, and over several sites with ``train.site_batches`` draws
+        each batch from one site."""
         gen = torch.Generator().manual_seed(seed)
         batch = self.cfg.train.batch_size
         workers = self.cfg.data.num_workers if shuffle else 0
-        common = {"collate_fn": collate_studies, "num_workers": workers, "persistent_workers": workers > 0}
+        common = {"collate_fn": functools.partial(collate_studies, dtype=dtype), "num_workers": workers,
+                  "persistent_workers": workers > 0}
         if shuffle and self.cfg.train.site_batches and isinstance(dataset, ConcatDataset):
             sizes = [len(d) for d in dataset.datasets]
             return DataLoader(dataset, batch_sampler=SiteBatchSampler(sizes, batch, gen), **common)
@@ -213,7 +217,7 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
     if cfg.federation.init:  # every method starts from the same given model
         start_from(model, cfg.federation.init, federated_keys(model, cfg.federation.groups))
     opt = make_optimizer(model, cfg.train)
-    batches = cycle(cons.loader(dataset, shuffle=True, seed=seed), seed)
+    batches = cycle(cons.loader(dataset, shuffle=True, seed=seed, dtype=scan_dtype(training_precision(cfg))), seed)
     # A locked text tower's report features once per report, as every site does (in memory here).
     text_cache = TextFeatureCache.for_training(model, tok, cfg.train)
     chunk = eval_every if val is not None and eval_every else steps

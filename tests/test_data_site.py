@@ -138,6 +138,9 @@ def test_dataset_skips_rejected_studies_and_collates(site, caplog):
     assert images.shape == (3, 2, 1, *IMG) and mask.tolist() == [[True, True], [True, False], [True, False]]
     assert torch.all(images[1, 1] == 0) and reports[1] == "Normal head CT." and study_ids == ["s1", "s2", "s4"]
     assert len(SiteDataset(site, DataConfig(max_scans=1), IMG)[0][0]) == 1
+    held = collate_studies(items[:3], dtype=torch.bfloat16)  # for a tower held in bf16
+    assert held[0].dtype == torch.bfloat16 and torch.equal(held[0], images.bfloat16())
+    assert torch.equal(held[1], mask) and held[2:] == (reports, study_ids)
 
 
 def test_training_draws_a_fixed_number_of_scans_in_random_order(site):

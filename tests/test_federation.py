@@ -264,6 +264,28 @@ def test_a_sites_precision_setting_wins_over_the_runs(mini_consortium, tmp_path,
         resolve_site(rc, {**node, "precision": "fp8"})
 
 
+def test_a_site_collates_its_training_batches_in_the_dtype_its_tower_reads(mini_consortium, tmp_path, monkeypatch):
+    import hlip_fed.federation.local as local_module
+    from hlip_fed.federation.local import LocalSite
+    from hlip_fed.federation.run import resolve_site
+
+    rc = run_config(mini_consortium, tmp_path)
+    seen, cycle = [], local_module.cycle
+
+    def recording(loader, seed):
+        for batch in cycle(loader, seed):
+            seen.append(batch[0].dtype)
+            yield batch
+
+    monkeypatch.setattr(local_module, "cycle", recording)
+    for precision in ("fp32", "bf16-held"):
+        local = LocalSite(config_from_run(rc), resolve_site(rc, {"partition-id": 0, "num-partitions": 3,
+                                                                 "precision": precision}))
+        local.train_round(get_arrays(local.model, federated_keys(local.model, local.cfg.federation.groups)), 1)
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        seen.clear()
+
+
 def test_truth_labels_that_do_not_apply_read_as_unknown(tmp_path):
     """A null label (the size of an absent lesion) is -1, which the metrics leave out."""
     from hlip_fed.errors import HlipError

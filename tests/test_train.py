@@ -147,6 +147,21 @@ def test_a_site_asked_for_emulated_bf16_says_so_in_its_log(mini_consortium, tmp_
     assert "train.precision bf16" in caplog.records[0].getMessage()
 
 
+def test_a_held_tower_reads_scans_collated_in_bf16_as_it_reads_fp32_ones(small_cfg):
+    """A site that holds the tower in bf16 collates its training batches in bf16 (half the bytes to
+    move): the tower's patch embedding reads scans in its own dtype, so its output is the same."""
+    from hlip_fed.training.bf16_tower import Bf16Tower
+    from hlip_fed.training.train import scan_dtype
+
+    assert scan_dtype("bf16-held") == torch.bfloat16
+    assert all(scan_dtype(p) is None for p in ("fp32", "bf16"))  # autocast's fp32 weights read fp32 scans
+    model = create_model(small_cfg.model, seed=0).eval()  # scan slots in order, so both forwards agree
+    images, mask, _, _ = next(batches(small_cfg.train))
+    held = Bf16Tower(model)
+    with torch.no_grad(), held.step():
+        assert torch.equal(model.visual(images, mask), model.visual(images.to(scan_dtype("bf16-held")), mask))
+
+
 def test_bf16_held_tower_steps_the_fp32_weights_with_bf16_gradients(small_cfg):
     """``train.precision: bf16-held`` runs the vision tower's forward and backward in bf16 while the
     model keeps fp32 weights, which the optimiser steps (master weights): the losses and gradients

@@ -162,15 +162,17 @@ class SiteBatchSampler(Sampler[list[int]]):
         return sum(n // self.batch_size for n in self.sizes)
 
 
-def collate_studies(batch):
+def collate_studies(batch, dtype: torch.dtype | None = None):
     """Stack studies with different scan counts.
 
-    Returns ``images`` [B, N_max, 1, D, H, W] (zero-padded), ``scan_mask`` [B, N_max] bool (True for
-    a real scan), the report texts and the study ids.
+    Returns ``images`` [B, N_max, 1, D, H, W] (zero-padded; in ``dtype``, cast as they are copied in,
+    default the studies'), ``scan_mask`` [B, N_max] bool (True for a real scan), the report texts and
+    the study ids.
     """
     n_max = max(item[0].shape[0] for item in batch)
     first = batch[0][0]
-    images = first.new_empty((len(batch), n_max, *first.shape[1:]))  # written once: scans, then zero padding
+    # written once: scans, then zero padding
+    images = first.new_empty((len(batch), n_max, *first.shape[1:]), dtype=dtype)
     mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
     for i, (scans, _, _) in enumerate(batch):
         images[i, : scans.shape[0]] = scans

@@ -16,6 +16,7 @@ Only the federated arrays and scalar metrics leave :meth:`LocalSite.train_round`
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
@@ -35,7 +36,8 @@ from hlip_fed.federation.transport import wire_bytes
 from hlip_fed.model import create_model, create_tokenizer
 from hlip_fed.model.text_cache import TextFeatureCache
 from hlip_fed.training.evaluate import evaluate
-from hlip_fed.training.train import cycle, emulated_precision, make_optimizer, train_steps, training_precision
+from hlip_fed.training.train import (cycle, emulated_precision, make_optimizer, scan_dtype, train_steps,
+                                    training_precision)
 
 log = logging.getLogger("hlip_fed.federation")
 
@@ -114,7 +116,8 @@ class LocalSite:
         gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(
             self.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-            collate_fn=collate_studies, num_workers=cfg.data.num_workers, drop_last=len(self.train_set) > cfg.train.batch_size,
+            collate_fn=functools.partial(collate_studies, dtype=scan_dtype(training_precision(cfg))),
+            num_workers=cfg.data.num_workers, drop_last=len(self.train_set) > cfg.train.batch_size,
         )
         optimizer = make_optimizer(self.model, cfg.train)
         previous = self._optimizer_file(server_round - 1)

@@ -95,6 +95,13 @@ def training_precision(cfg: Config) -> str:
     return step_precision(cfg.train, masked=cfg.model.loss.name == "masked")
 
 
+def scan_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a training batch's scans are collated in for a step in ``precision``: bf16 for a
+    tower held in bf16, whose patch embedding reads them in bf16 anyway (the same values, half the
+    bytes to move); None, as the cache holds them, otherwise."""
+    return torch.bfloat16 if precision == "bf16-held" else None
+
+
 def emulated_precision(cfg: TrainConfig) -> str | None:
     """Why ``cfg.precision`` would train slower than fp32 on this machine, or None: bf16 autocast on
     a CPU without bf16 instructions emulates every bf16 product (docs/benchmarks.md, section 9)."""
