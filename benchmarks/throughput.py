@@ -123,7 +123,8 @@ def former_forwards(visual, conv_patch_embed: bool, skip_padded: bool) -> None:
 
     def conv_forward(self, x, scan_mask=None):
         b, n = x.shape[:2]
-        y = F.conv3d(x.flatten(0, 1).to(self.proj.weight.dtype), self.proj.weight, self.proj.bias, stride=self.patch_size)
+        x = x.flatten(0, 1).to(self.proj.weight.dtype)
+        y = F.conv3d(x, self.proj.weight, self.proj.bias, stride=self.patch_size)
         c, gd, gh, gw = y.shape[1:]
         return y.permute(0, 2, 3, 4, 1).reshape(b, n, gd, gh * gw, c)
 
@@ -260,8 +261,9 @@ def classify(event, spec: ModelSpec) -> str:
     name = event.name
     dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
     voxels = spec.patch_size[0] * spec.patch_size[1] * spec.patch_size[2]
-    if "conv" in name or voxels in dims or (name == "aten::copy_" and any(len(s or ()) == 7 for s in event.input_shapes)):
-        return "patch embedding"  # a copy of a 7-axis view: cutting the scans into patches
+    cutting = name == "aten::copy_" and any(len(s or ()) >= 6 for s in event.input_shapes)  # a patch view's copy
+    if "conv" in name or voxels in dims or cutting:
+        return "patch embedding"
     if "attention" in name or name in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"):
         return "attention"  # the kernel, or a window's two batched products and softmax
     if name in ("aten::mm", "aten::addmm", "aten::linear"):

@@ -434,7 +434,7 @@ def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(ti
     x = study(b=2, n=3)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     x[~mask] = 0.0  # as collate_studies pads
-    cut, cut_patches = [], vision_module.cut_patches
+    cut = []
 
     def counting(v, patch_size, dtype=None, rows=None):  # the scans each call cuts
         cut.append(math.prod(v.shape[:-3]) if rows is None else len(rows))
