@@ -190,7 +190,7 @@ class Site:
         self.optimizer = make_optimizer(self.model, cfg.train)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         self.loader = DataLoader(self.local.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-                                 collate_fn=functools.partial(collate_studies, dtype=scan_dtype(variant.precision)),
+                                 collate_fn=functools.partial(collate_studies, dtype=scan_dtype(cfg)),
                                  num_workers=variant.workers, drop_last=True,
                                  persistent_workers=variant.workers > 0)
         self.batches = cycle(self.loader, cfg.train.seed)

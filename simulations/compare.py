@@ -217,7 +217,7 @@ def train_central(cfg: Config, dataset, steps: int, seed: int, cons: Consortium,
     if cfg.federation.init:  # every method starts from the same given model
         start_from(model, cfg.federation.init, federated_keys(model, cfg.federation.groups))
     opt = make_optimizer(model, cfg.train)
-    batches = cycle(cons.loader(dataset, shuffle=True, seed=seed, dtype=scan_dtype(training_precision(cfg))), seed)
+    batches = cycle(cons.loader(dataset, shuffle=True, seed=seed, dtype=scan_dtype(cfg)), seed)
     # A locked text tower's report features once per report, as every site does (in memory here).
     text_cache = TextFeatureCache.for_training(model, tok, cfg.train)
     chunk = eval_every if val is not None and eval_every else steps

@@ -153,13 +153,19 @@ def test_a_held_tower_reads_scans_collated_in_bf16_as_it_reads_fp32_ones(small_c
     from hlip_fed.training.bf16_tower import Bf16Tower
     from hlip_fed.training.train import scan_dtype
 
-    assert scan_dtype("bf16-held") == torch.bfloat16
-    assert all(scan_dtype(p) is None for p in ("fp32", "bf16"))  # autocast's fp32 weights read fp32 scans
+    def run(precision, loss="clip"):
+        return dataclasses.replace(small_cfg, train=dataclasses.replace(small_cfg.train, precision=precision),
+                                   model=dataclasses.replace(small_cfg.model, loss=dataclasses.replace(
+                                       small_cfg.model.loss, name=loss)))
+
+    assert scan_dtype(run("bf16-held")) == torch.bfloat16
+    assert all(scan_dtype(run(p)) is None for p in ("fp32", "bf16"))  # autocast's fp32 weights read fp32 scans
+    assert scan_dtype(run("bf16-held", loss="masked")) is None  # masked modelling trains the tower in fp32
     model = create_model(small_cfg.model, seed=0).eval()  # scan slots in order, so both forwards agree
     images, mask, _, _ = next(batches(small_cfg.train))
     held = Bf16Tower(model)
     with torch.no_grad(), held.step():
-        assert torch.equal(model.visual(images, mask), model.visual(images.to(scan_dtype("bf16-held")), mask))
+        assert torch.equal(model.visual(images, mask), model.visual(images.to(scan_dtype(run("bf16-held"))), mask))
 
 
 def test_bf16_held_tower_steps_the_fp32_weights_with_bf16_gradients(small_cfg):

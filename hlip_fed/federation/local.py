@@ -116,7 +116,7 @@ class LocalSite:
         gen = torch.Generator().manual_seed(seed)
         loader = DataLoader(
             self.train_set, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-            collate_fn=functools.partial(collate_studies, dtype=scan_dtype(training_precision(cfg))),
+            collate_fn=functools.partial(collate_studies, dtype=scan_dtype(cfg)),
             num_workers=cfg.data.num_workers, drop_last=len(self.train_set) > cfg.train.batch_size,
         )
         optimizer = make_optimizer(self.model, cfg.train)

@@ -95,11 +95,11 @@ def training_precision(cfg: Config) -> str:
     return step_precision(cfg.train, masked=cfg.model.loss.name == "masked")
 
 
-def scan_dtype(precision: str) -> torch.dtype | None:
-    """The dtype a training batch's scans are collated in for a step in ``precision``: bf16 for a
-    tower held in bf16, whose patch embedding reads them in bf16 anyway (the same values, half the
-    bytes to move); None, as the cache holds them, otherwise."""
-    return torch.bfloat16 if precision == "bf16-held" else None
+def scan_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype a run's training batches collate their scans in on this machine: bf16 where it
+    holds the tower in bf16 (:func:`training_precision`), whose patch embedding reads them in bf16
+    anyway (the same values, half the bytes to move); None, as the cache holds them, otherwise."""
+    return torch.bfloat16 if training_precision(cfg) == "bf16-held" else None
 
 
 def emulated_precision(cfg: TrainConfig) -> str | None:
