@@ -11,8 +11,9 @@ benchmark is meant to sit between chance and saturation: pooled mean AUC clearly
 most about 0.95, and the worst single site clearly below pooled. It then prints how conspicuous each
 focal lesion is at the model's input (its signed contrast against the mirrored region, and a
 z-score of its mirror difference against normal studies of the same contrast, see
-``hlip_fed.synth.probe.lesion_conspicuity``). ``--mri-bias-correction`` preprocesses with
-``data.mri_bias_correction`` on (N4 on every MR scan).
+``hlip_fed.synth.probe.lesion_conspicuity``), and how well a detector told where each lesion is
+ranks it against the held-out studies without it (``hlip_fed.synth.probe.located_detector``).
+``--mri-bias-correction`` preprocesses with ``data.mri_bias_correction`` on (N4 on every MR scan).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from hlip_fed.config import DataConfig
-    from hlip_fed.synth.probe import format_conspicuity, format_result, lesion_conspicuity, run_probe
+    from hlip_fed.synth.probe import (format_conspicuity, format_located, format_result, lesion_conspicuity,
+                                      located_detector, run_probe)
 
     root = Path(args.consortium)
     if args.generate:
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     print("Lesion conspicuity on the held-out set (model input: contrast against the mirrored region, "
           "and asymmetry against normal studies):\n")
     print(format_conspicuity(result["conspicuity"]))
+    result["located"] = located_detector(root, data_cfg=cfg)
+    print("\nA detector told where each lesion is, on the held-out set (its mask laid on the lesion's scan and "
+          "on every scan of the same contrast without the finding):\n")
+    print(format_located(result["located"]))
     print(f"probe took {time.monotonic() - t:.0f}s", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -433,3 +433,47 @@ def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consorti
             assert r["n"] >= 1 and np.isfinite(r["median_z"]) and 0.0 <= r["frac_z_above_3"] <= 1.0
             assert -1.0 <= r["median_contrast"] <= 1.0
     assert "| finding | contrast |" in format_conspicuity(result)
+
+
+def test_located_detector_reads_a_cohort_at_the_models_input(consortium):
+    from hlip_fed.synth.probe import FOCAL, format_located, located_detector
+
+    site = json.loads((consortium / "consortium.json").read_text())["sites"][2]["name"]  # an MRI site
+    result = located_detector(consortium, site, img_size=(16, 48, 48))
+    assert set(result) == set(FOCAL)
+    for r in result.values():
+        assert r["study"] is None or 0.0 <= r["study"] <= 1.0
+        for c in r["per_contrast"].values():
+            assert c["pairs"] >= 1 and 0.0 <= c["asymmetry"] <= 1.0 and 0.5 <= c["contrast"] <= 1.0
+    assert "| finding | contrast | pairs |" in format_located(result)
+
+
+def _located_study(finding_label: int, image: np.ndarray, mask: np.ndarray | None, sequence: str = "T2") -> dict:
+    masks = {} if mask is None else {"infarct": mask}
+    return {"labels": {"mass": 0, "haemorrhage": 0, "infarct": finding_label, "atrophy": 0},
+            "masks": masks, "scans": [(sequence, image)]}
+
+
+def test_located_detector_ranks_a_visible_lesion_first_and_counts_ties_as_half():
+    from hlip_fed.synth.probe import located_aucs
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1:3, 2:4, 1:3] = True  # one hemisphere only
+    normals = [_located_study(0, rng.uniform(0.4, 0.6, (4, 8, 8)).astype(np.float32), None) for _ in range(5)]
+    lesions = []
+    for sign in (1.0, 1.0, -1.0):  # a bright or a dark lesion: the asymmetry sees both
+        x = rng.uniform(0.4, 0.6, (4, 8, 8)).astype(np.float32)
+        x[mask] += sign * 0.4
+        lesions.append(_located_study(1, x, mask))
+    r = located_aucs(normals + lesions, "infarct")
+    assert (r["n_pos"], r["n_neg"]) == (3, 5)
+    assert r["per_contrast"]["T2"] == {"pairs": 15, "asymmetry": 1.0, "contrast": pytest.approx(2 / 3)}
+    assert r["study"] == 1.0
+
+    flat = np.full((4, 8, 8), 0.5, np.float32)  # nothing to see: every pair ties
+    r = located_aucs([_located_study(0, flat, None) for _ in range(4)] + [_located_study(1, flat, mask)], "infarct")
+    assert r["per_contrast"]["T2"]["asymmetry"] == 0.5 and r["study"] == 0.5
+
+    other = [_located_study(1, flat, mask, "FLAIR")] + [_located_study(0, flat, None)]  # no negative of its contrast
+    assert located_aucs(other, "infarct") == {"n_pos": 1, "n_neg": 1, "per_contrast": {}, "study": None}

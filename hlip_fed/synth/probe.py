@@ -197,6 +197,23 @@ def _asymmetry(x: np.ndarray) -> np.ndarray:
     return np.abs(x - x[:, :, ::-1])
 
 
+def model_input_studies(consortium_dir: str | Path, cohort: str, img_size=(32, 96, 96),
+                        data_cfg: DataConfig | None = None) -> list[dict]:
+    """Every study of ``cohort`` as the model reads it: ``{"labels", "masks": {finding: bool mask},
+    "scans": [(sequence, image on the [0, 1] scale)]}`` (preprocessed with ``data_cfg``, by default
+    :class:`DataConfig`'s defaults)."""
+    root, cfg = Path(consortium_dir), data_cfg or DataConfig()
+    base = site_dir(root, cohort)
+    studies = []
+    for r in load_records(root, cohort):
+        folder = base / r["split"] / r["study_id"]
+        images = [preprocess(read_scan(folder / s["name"]), cfg, img_size)[0].numpy() for s in r["scans"]]
+        scans = [(s["sequence"], unit_intensity(x, cfg)) for s, x in zip(r["scans"], images)]
+        masks = model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size, cfg)
+        studies.append({"labels": r["labels"], "masks": masks, "scans": scans})
+    return studies
+
+
 def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
                        min_null: int = 5, data_cfg: DataConfig | None = None) -> dict:
     """``{finding: {sequence: {"n", "median_z", "frac_z_above_3", "median_contrast"}}}`` at the
@@ -204,21 +221,17 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
 
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
-    root, cfg = Path(consortium_dir), data_cfg or DataConfig()
-    base = site_dir(root, cohort)
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     contrast: dict[tuple[str, str], list[float]] = {}
-    for r in load_records(root, cohort):
-        masks = model_masks(root / "truth" / "masks" / cohort / f"{r['study_id']}.nii.gz", img_size, cfg)
-        normal = not any(r["labels"][f] for f in FOCAL)
-        for scan in r["scans"]:
-            x = unit_intensity(preprocess(read_scan(base / r["split"] / r["study_id"] / scan["name"]), cfg,
-                                          img_size)[0].numpy(), cfg)
-            scans.append((scan["sequence"], normal, _asymmetry(x), masks))
+    for study in model_input_studies(consortium_dir, cohort, img_size, data_cfg):
+        masks = study["masks"]
+        normal = not any(study["labels"][f] for f in FOCAL)
+        for seq, x in study["scans"]:
+            scans.append((seq, normal, _asymmetry(x), masks))
             for f, mask in masks.items():
                 if mask.any():
                     shift = float(x[mask].mean() - x[mask[:, :, ::-1]].mean())
-                    contrast.setdefault((f, scan["sequence"]), []).append(shift)
+                    contrast.setdefault((f, seq), []).append(shift)
     z: dict[tuple[str, str], list[float]] = {}
     for seq, _, asym, masks in scans:
         for f, mask in masks.items():
@@ -235,6 +248,80 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
                                       "frac_z_above_3": float(np.mean(v > 3)),
                                       "median_contrast": float(np.median(contrast[(f, seq)]))}
     return out
+
+
+def located_aucs(studies: list[dict], finding: str) -> dict:
+    """How well a detector told where each lesion of ``finding`` is ranks it, per contrast and per study.
+
+    ``studies``: ``{"labels": {finding: 0|1}, "masks": {finding: bool [D, H, W]}, "scans": [(sequence,
+    image [D, H, W])]}`` on one grid. Each positive study's own mask is laid on its scans and on every
+    scan of the same contrast in the studies without the finding, and each pair (the lesion's scan, a
+    scan without it) is compared, ties counting half:
+
+    * ``asymmetry``: the mean absolute mirror difference inside the mask (higher is the lesion);
+    * ``contrast``: the mean inside the mask minus the mirrored region's, folded (the better of the
+      two directions), so an upper estimate for a detector that knows the contrast's direction too;
+    * ``study``: each scan's asymmetry standardised against the negatives' scans of its contrast
+      under that mask, a study scored by its highest scan.
+
+    Returns ``{"n_pos", "n_neg", "study", "per_contrast": {sequence: {"pairs", "asymmetry",
+    "contrast"}}}``; AUCs are None where there is no pair.
+    """
+    pos = [s for s in studies if s["labels"][finding] and finding in s["masks"] and s["masks"][finding].any()]
+    neg = [s for s in studies if not s["labels"][finding]]
+    wins: dict[str, np.ndarray] = {}  # sequence -> [asymmetry wins, contrast wins, pairs]
+    study_wins, study_pairs = 0.0, 0
+    for p in pos:
+        mask = p["masks"][finding]
+        inside, mirrored = np.flatnonzero(mask), np.flatnonzero(mask[:, :, ::-1])
+
+        def stats(x: np.ndarray) -> tuple[float, float]:
+            a, b = x.reshape(-1)[inside], x.reshape(-1)[mirrored]
+            return float(np.abs(a - b).mean()), float(a.mean() - b.mean())
+
+        neg_stats = {}  # sequence -> [(study index, asymmetry, contrast)]
+        for i, n in enumerate(neg):
+            for seq, x in n["scans"]:
+                neg_stats.setdefault(seq, []).append((i, *stats(x)))
+        neg_best = np.full(len(neg), -np.inf)
+        pos_best = -np.inf
+        for seq, x in p["scans"]:
+            if seq not in neg_stats:
+                continue
+            a, c = stats(x)
+            idx, na, nc = (np.array(v) for v in zip(*neg_stats[seq]))
+            w = wins.setdefault(seq, np.zeros(3))
+            w[0] += (a > na).sum() + 0.5 * (a == na).sum()
+            w[1] += (c > nc).sum() + 0.5 * (c == nc).sum()
+            w[2] += len(na)
+            mu, sd = na.mean(), na.std() or 1.0
+            pos_best = max(pos_best, (a - mu) / sd)
+            np.maximum.at(neg_best, idx.astype(int), (na - mu) / sd)
+        scored = np.isfinite(neg_best)
+        if np.isfinite(pos_best) and scored.any():
+            study_wins += float((pos_best > neg_best[scored]).sum() + 0.5 * (pos_best == neg_best[scored]).sum())
+            study_pairs += int(scored.sum())
+    per = {seq: {"pairs": int(w[2]), "asymmetry": float(w[0] / w[2]),
+                 "contrast": float(max(w[1], w[2] - w[1]) / w[2])} for seq, w in sorted(wins.items())}
+    return {"n_pos": len(pos), "n_neg": len(neg), "per_contrast": per,
+            "study": study_wins / study_pairs if study_pairs else None}
+
+
+def located_detector(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
+                     data_cfg: DataConfig | None = None) -> dict:
+    """:func:`located_aucs` of every focal finding over ``cohort``'s studies at the model's input."""
+    studies = model_input_studies(consortium_dir, cohort, img_size, data_cfg)
+    return {f: located_aucs(studies, f) for f in FOCAL}
+
+
+def format_located(result: dict) -> str:
+    lines = ["| finding | contrast | pairs | asymmetry AUC | contrast AUC (folded) |", "|---|---|---:|---:|---:|"]
+    for f, r in result.items():
+        for seq, c in r["per_contrast"].items():
+            lines.append(f"| {f} | {seq} | {c['pairs']} | {c['asymmetry']:.3f} | {c['contrast']:.3f} |")
+        study = "–" if r["study"] is None else f"{r['study']:.3f}"
+        lines.append(f"| {f} | study ({r['n_pos']} positives, {r['n_neg']} negatives) | | {study} | |")
+    return "\n".join(lines)
 
 
 def format_conspicuity(result: dict) -> str:
