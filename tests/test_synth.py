@@ -442,7 +442,7 @@ def test_located_detector_reads_a_cohort_at_the_models_input(consortium):
     result = located_detector(consortium, site, img_size=(16, 48, 48))
     assert set(result) == set(FOCAL)
     for r in result.values():
-        assert r["study"] is None or 0.0 <= r["study"] <= 1.0
+        assert all(r[k] is None or 0.0 <= r[k] <= 1.0 for k in ("study", "study_contrast"))
         for c in r["per_contrast"].values():
             assert c["pairs"] >= 1 and 0.0 <= c["asymmetry"] <= 1.0 and 0.5 <= c["contrast"] <= 1.0
     assert "| finding | contrast | pairs |" in format_located(result)
@@ -469,11 +469,12 @@ def test_located_detector_ranks_a_visible_lesion_first_and_counts_ties_as_half()
     r = located_aucs(normals + lesions, "infarct")
     assert (r["n_pos"], r["n_neg"]) == (3, 5)
     assert r["per_contrast"]["T2"] == {"pairs": 15, "asymmetry": 1.0, "contrast": pytest.approx(2 / 3)}
-    assert r["study"] == 1.0
+    assert r["study"] == 1.0 and r["study_contrast"] == pytest.approx(2 / 3)  # the dark one loses
 
     flat = np.full((4, 8, 8), 0.5, np.float32)  # nothing to see: every pair ties
     r = located_aucs([_located_study(0, flat, None) for _ in range(4)] + [_located_study(1, flat, mask)], "infarct")
-    assert r["per_contrast"]["T2"]["asymmetry"] == 0.5 and r["study"] == 0.5
+    assert r["per_contrast"]["T2"]["asymmetry"] == 0.5 and r["study"] == r["study_contrast"] == 0.5
 
     other = [_located_study(1, flat, mask, "FLAIR")] + [_located_study(0, flat, None)]  # no negative of its contrast
-    assert located_aucs(other, "infarct") == {"n_pos": 1, "n_neg": 1, "per_contrast": {}, "study": None}
+    assert located_aucs(other, "infarct") == {"n_pos": 1, "n_neg": 1, "per_contrast": {}, "study": None,
+                                              "study_contrast": None}

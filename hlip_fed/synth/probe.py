@@ -250,6 +250,13 @@ def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_
     return out
 
 
+def _study_auc(pairs: list[tuple[float, np.ndarray]]) -> float | None:
+    """The share of (positive, negative) study pairs the positive wins, ties counting half."""
+    wins = sum(float((p > n).sum() + 0.5 * (p == n).sum()) for p, n in pairs)
+    count = sum(len(n) for _, n in pairs)
+    return wins / count if count else None
+
+
 def located_aucs(studies: list[dict], finding: str) -> dict:
     """How well a detector told where each lesion of ``finding`` is ranks it, per contrast and per study.
 
@@ -260,17 +267,18 @@ def located_aucs(studies: list[dict], finding: str) -> dict:
 
     * ``asymmetry``: the mean absolute mirror difference inside the mask (higher is the lesion);
     * ``contrast``: the mean inside the mask minus the mirrored region's, folded (the better of the
-      two directions), so an upper estimate for a detector that knows the contrast's direction too;
-    * ``study``: each scan's asymmetry standardised against the negatives' scans of its contrast
-      under that mask, a study scored by its highest scan.
+      two directions), so an upper estimate for a detector that knows each contrast's direction too.
 
-    Returns ``{"n_pos", "n_neg", "study", "per_contrast": {sequence: {"pairs", "asymmetry",
-    "contrast"}}}``; AUCs are None where there is no pair.
+    At the study level each scan's figure is standardised against the negatives' scans of its
+    contrast under that mask (the contrast turned the way its contrast's pairs favour) and a study
+    is scored by its highest scan: ``study`` (asymmetry) and ``study_contrast``.
+
+    Returns ``{"n_pos", "n_neg", "study", "study_contrast", "per_contrast": {sequence: {"pairs",
+    "asymmetry", "contrast"}}}``; a study AUC is None where there is no pair.
     """
     pos = [s for s in studies if s["labels"][finding] and finding in s["masks"] and s["masks"][finding].any()]
     neg = [s for s in studies if not s["labels"][finding]]
-    wins: dict[str, np.ndarray] = {}  # sequence -> [asymmetry wins, contrast wins, pairs]
-    study_wins, study_pairs = 0.0, 0
+    laid = []  # per positive: [(sequence, its asymmetry, its contrast, negative study index, theirs, theirs)]
     for p in pos:
         mask = p["masks"][finding]
         inside, mirrored = np.flatnonzero(mask), np.flatnonzero(mask[:, :, ::-1])
@@ -279,32 +287,34 @@ def located_aucs(studies: list[dict], finding: str) -> dict:
             a, b = x.reshape(-1)[inside], x.reshape(-1)[mirrored]
             return float(np.abs(a - b).mean()), float(a.mean() - b.mean())
 
-        neg_stats = {}  # sequence -> [(study index, asymmetry, contrast)]
+        neg_stats: dict[str, list] = {}
         for i, n in enumerate(neg):
             for seq, x in n["scans"]:
                 neg_stats.setdefault(seq, []).append((i, *stats(x)))
-        neg_best = np.full(len(neg), -np.inf)
-        pos_best = -np.inf
-        for seq, x in p["scans"]:
-            if seq not in neg_stats:
-                continue
-            a, c = stats(x)
-            idx, na, nc = (np.array(v) for v in zip(*neg_stats[seq]))
-            w = wins.setdefault(seq, np.zeros(3))
-            w[0] += (a > na).sum() + 0.5 * (a == na).sum()
-            w[1] += (c > nc).sum() + 0.5 * (c == nc).sum()
-            w[2] += len(na)
-            mu, sd = na.mean(), na.std() or 1.0
-            pos_best = max(pos_best, (a - mu) / sd)
-            np.maximum.at(neg_best, idx.astype(int), (na - mu) / sd)
-        scored = np.isfinite(neg_best)
-        if np.isfinite(pos_best) and scored.any():
-            study_wins += float((pos_best > neg_best[scored]).sum() + 0.5 * (pos_best == neg_best[scored]).sum())
-            study_pairs += int(scored.sum())
+        laid.append([(seq, *stats(x), *(np.array(v) for v in zip(*neg_stats[seq])))
+                     for seq, x in p["scans"] if seq in neg_stats])
+    wins: dict[str, np.ndarray] = {}  # sequence -> [asymmetry wins, contrast wins, pairs]
+    for scans in laid:
+        for seq, a, c, _, na, nc in scans:
+            wins.setdefault(seq, np.zeros(3))
+            wins[seq] += [(a > na).sum() + 0.5 * (a == na).sum(), (c > nc).sum() + 0.5 * (c == nc).sum(), len(na)]
+    sign = {seq: 1.0 if w[1] >= w[2] - w[1] else -1.0 for seq, w in wins.items()}
+
+    def best_per_study(scans: list, column: int) -> tuple[float, np.ndarray]:
+        pos_best, neg_best = -np.inf, np.full(len(neg), -np.inf)
+        for scan in scans:
+            seq, mine, theirs, idx = scan[0], scan[column], scan[column + 3], scan[3].astype(int)
+            turn = sign[seq] if column == 2 else 1.0
+            mu, sd = theirs.mean(), theirs.std() or 1.0
+            pos_best = max(pos_best, turn * (mine - mu) / sd)
+            np.maximum.at(neg_best, idx, turn * (theirs - mu) / sd)
+        return pos_best, neg_best[np.isfinite(neg_best)]
+
     per = {seq: {"pairs": int(w[2]), "asymmetry": float(w[0] / w[2]),
                  "contrast": float(max(w[1], w[2] - w[1]) / w[2])} for seq, w in sorted(wins.items())}
     return {"n_pos": len(pos), "n_neg": len(neg), "per_contrast": per,
-            "study": study_wins / study_pairs if study_pairs else None}
+            "study": _study_auc([best_per_study(scans, 1) for scans in laid if scans]),
+            "study_contrast": _study_auc([best_per_study(scans, 2) for scans in laid if scans])}
 
 
 def located_detector(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
@@ -319,8 +329,8 @@ def format_located(result: dict) -> str:
     for f, r in result.items():
         for seq, c in r["per_contrast"].items():
             lines.append(f"| {f} | {seq} | {c['pairs']} | {c['asymmetry']:.3f} | {c['contrast']:.3f} |")
-        study = "–" if r["study"] is None else f"{r['study']:.3f}"
-        lines.append(f"| {f} | study ({r['n_pos']} positives, {r['n_neg']} negatives) | | {study} | |")
+        study, turned = ("–" if v is None else f"{v:.3f}" for v in (r["study"], r["study_contrast"]))
+        lines.append(f"| {f} | study ({r['n_pos']} positives, {r['n_neg']} negatives) | | {study} | {turned} |")
     return "\n".join(lines)
 
 
