@@ -22,6 +22,9 @@ The z-score is a hard yardstick: heads are neither centred nor straight (table p
 rotation), so a normal brain's mirror difference is large wherever tissue boundaries are.
 Beside it, ``median_contrast`` is the plain signed contrast on the model's [0, 1] intensity
 scale: mean inside the lesion minus mean in the mirrored region.
+
+:func:`located_detector` asks how far a detector could go that is told where each lesion is: the
+lesion's own mask laid on its scans and on the scans without the finding, each pair compared.
 """
 
 from __future__ import annotations
