@@ -59,8 +59,9 @@ class VisionConfig:
     # convolutional stem (3x3x3 convolutions halving the grid until it is the patch grid, GroupNorm,
     # GELU, then a 1x1x1 projection), a prior for small lesions that a patch of several cm hides;
     # "patch_quantiles" HLIP's plus a zero-initialised linear map of each patch's intensity
-    # quantiles, which a small lesion shifts wherever it lies in the patch.
-    stem: Literal["patch", "conv", "patch_quantiles"] = "patch"
+    # quantiles, which a small lesion shifts wherever it lies in the patch; "patch_mirror" HLIP's plus
+    # a zero-initialised linear map of each patch of the scan minus its left-right mirror image.
+    stem: Literal["patch", "conv", "patch_quantiles", "patch_mirror"] = "patch"
     # Study embedding: "token" is HLIP's CLS token (its copies merged over the study); "max" / "avg"
     # pool the final patch tokens of the real scans instead, as timm's ``global_pool`` does. A small
     # tower trained on little data fits much faster with max pooling than through the CLS token,

@@ -417,13 +417,37 @@ def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_mirror_stem_starts_as_hlips_patch_embedding_and_reads_only_the_left_right_difference(tiny_cfg):
+    from hlip_fed.model.vision import MirrorPatchEmbed3D
+
+    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem="patch_mirror"))
+    model = create_model(cfg, seed=0)
+    embed = model.visual.patch_embed
+    assert isinstance(embed, MirrorPatchEmbed3D)
+    x = torch.randn(2, 2, 1, *cfg.vision.img_size)
+    hlip = F.linear(cut_patches(x[:, :, 0], cfg.vision.patch_size), embed.proj.weight.flatten(1), embed.proj.bias)
+    torch.testing.assert_close(embed(x), hlip)  # zero-initialised: HLIP's patch embedding at the start
+    embed(x).square().sum().backward()
+    assert embed.mirror_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        embed.mirror_proj.weight.normal_()
+        symmetric = x + x.flip(-1)  # nothing differs between left and right: HLIP's tokens still
+        torch.testing.assert_close(embed(symmetric), embed.embed(embed.patches(symmetric)))
+        lesion = symmetric.clone()
+        lesion[..., 2:6, 10:20, 5:15] += 1.0  # one side only
+        changed = (embed(lesion) - embed.embed(embed.patches(lesion))).abs().sum(-1) > 0
+    expected = torch.zeros(4, 6, 6, dtype=torch.bool)  # 8 x 16 x 16 patches of a 32 x 96 x 96 scan
+    expected[0, 0:2, 0] = expected[0, 0:2, 5] = True  # the lesion's patches and their mirror images
+    assert (changed.reshape(2, 2, 4, 6, 6) == expected).all()
+
+
 def test_patches_cut_in_another_dtype_are_the_cut_patches_cast():
     x = study(b=2, n=3, size=(35, 100, 97))
     torch.testing.assert_close(cut_patches(x, (8, 16, 16), torch.bfloat16), cut_patches(x, (8, 16, 16)).bfloat16(),
                                atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("stem", ["patch", "patch_quantiles"])
+@pytest.mark.parametrize("stem", ["patch", "patch_quantiles", "patch_mirror"])
 def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(tiny_cfg, stem, monkeypatch):
     """Given the scan mask, only the real scans are cut and embedded: a padded scan's tokens are
     zero (no part of a real output reads them) and each real scan's tokens are those it has when
@@ -431,6 +455,8 @@ def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(ti
     m = vision(tiny_cfg, stem=stem)
     if stem == "patch_quantiles":
         torch.nn.init.normal_(m.patch_embed.quantile_proj.weight)
+    if stem == "patch_mirror":
+        torch.nn.init.normal_(m.patch_embed.mirror_proj.weight)
     x = study(b=2, n=3)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     x[~mask] = 0.0  # as collate_studies pads
@@ -443,7 +469,7 @@ def test_patch_embedding_of_padded_scans_is_zero_and_the_real_scans_unchanged(ti
     monkeypatch.setattr(vision_module, "cut_patches", counting)
     with torch.no_grad():
         tokens, every = m.patch_embed(x, mask), m.patch_embed(x)
-    assert cut == [3, 6]
+    assert cut == ([3, 3, 6, 6] if stem == "patch_mirror" else [3, 6])  # the mirror stem cuts twice
     assert tokens.shape == every.shape
     assert (tokens[~mask] == 0).all()
     torch.testing.assert_close(tokens[mask], every[mask], atol=1e-6, rtol=1e-6)

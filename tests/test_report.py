@@ -104,6 +104,7 @@ def test_model_card_names_where_the_model_departs_from_hlip(tmp_path):
         (["model.vision.pool=max", "model.text.proj=identity", "model.embed_dim=384"], ["max pooling", "no projection"]),
         (["model.loss.name=masked"], ["masked image modelling"]),
         (["model.vision.stem=patch_quantiles"], ["intensity quantiles"]),
+        (["model.vision.stem=patch_mirror"], ["left-right difference"]),
     )
     for case, (overrides, expected) in enumerate(cases):
         out = tmp_path / str(case)

@@ -209,6 +209,25 @@ class QuantilePatchEmbed3D(PatchEmbed3D):
         return self.embed(patches) + self.quantile_proj(self.quantiles(patches))
 
 
+class MirrorPatchEmbed3D(PatchEmbed3D):
+    """:class:`PatchEmbed3D` plus a linear map of each patch of the scan's left-right difference
+    (the scan minus its mirror image along the last, left-right axis) added to its token. The map
+    starts at zero, so the embedding starts as HLIP's. A healthy brain is nearly symmetric and focal
+    disease is mostly one-sided, so the difference shows a lesion beside the tissue it replaces."""
+
+    def __init__(self, patch_size: tuple[int, int, int], dim: int):
+        super().__init__(patch_size, dim)
+        self.mirror_proj = nn.Linear(math.prod(patch_size), dim)
+        self.reset_mirror_proj()
+
+    def reset_mirror_proj(self) -> None:
+        nn.init.zeros_(self.mirror_proj.weight)
+        nn.init.zeros_(self.mirror_proj.bias)
+
+    def tokens(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.embed(self.patches(x, rows)) + self.mirror_proj(self.patches(x - x.flip(-1), rows))
+
+
 class ConvStem3D(nn.Module):
     """A convolutional patch embedding with :class:`PatchEmbed3D`'s interface: 3x3x3 convolutions,
     each halving the axes that still have to shrink (GroupNorm, GELU; channels doubling up to
@@ -245,7 +264,8 @@ class HLIPVisionTransformer(nn.Module):
         self.grid = tuple(s // p for s, p in zip(cfg.img_size, cfg.patch_size))
         levels = cfg.attention.levels if cfg.attention.mode == "hierarchical" else ["study"] * cfg.depth
         self.levels = list(levels)
-        stem = {"patch": PatchEmbed3D, "conv": ConvStem3D, "patch_quantiles": QuantilePatchEmbed3D}[cfg.stem]
+        stem = {"patch": PatchEmbed3D, "conv": ConvStem3D, "patch_quantiles": QuantilePatchEmbed3D,
+                "patch_mirror": MirrorPatchEmbed3D}[cfg.stem]
         self.patch_embed = stem(tuple(cfg.patch_size), cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         # Frozen position embeddings: derived from the config (not in the state dict), or stored
@@ -276,6 +296,8 @@ class HLIPVisionTransformer(nn.Module):
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
         if isinstance(self.patch_embed, QuantilePatchEmbed3D):
             self.patch_embed.reset_quantile_proj()
+        if isinstance(self.patch_embed, MirrorPatchEmbed3D):
+            self.patch_embed.reset_mirror_proj()
 
     # --- token regrouping -------------------------------------------------------------------
     def _to_windows(self, tokens: torch.Tensor, cls: torch.Tensor, level: str) -> torch.Tensor:

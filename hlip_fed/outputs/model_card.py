@@ -116,6 +116,9 @@ def departures_from_hlip(model_cfg) -> list[str]:
         out.append("patch embedding: a convolutional stem, not HLIP's single strided convolution")
     if model_cfg.vision.stem == "patch_quantiles":
         out.append("patch embedding: HLIP's strided convolution plus a linear map of each patch's intensity quantiles")
+    if model_cfg.vision.stem == "patch_mirror":
+        out.append("patch embedding: HLIP's strided convolution plus a linear map of each patch of the scan's "
+                   "left-right difference")
     if model_cfg.text.proj != "linear":
         out.append("text side: no projection; the joint space is the locked text encoder's own")
     if model_cfg.text.sections != "all":
