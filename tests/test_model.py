@@ -355,14 +355,18 @@ def test_conv_stem_reaches_the_patch_grid_and_keeps_padding_invariance(tiny_cfg)
                                        "model.vision.img_size=[32,96,96]"])
 
 
+def with_stem(tiny_cfg, stem: str):
+    """The tiny model config with ``stem``, its model (seed 0) and a random batch of two studies of two scans."""
+    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem=stem))
+    return cfg, create_model(cfg, seed=0), torch.randn(2, 2, 1, *cfg.vision.img_size)
+
+
 def test_patch_quantile_stem_starts_as_hlips_patch_embedding_and_learns_from_each_patchs_quantiles(tiny_cfg):
     from hlip_fed.model.vision import PATCH_QUANTILES, QuantilePatchEmbed3D, cut_patches
 
-    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem="patch_quantiles"))
-    model = create_model(cfg, seed=0)
+    cfg, model, x = with_stem(tiny_cfg, "patch_quantiles")
     embed = model.visual.patch_embed
     assert isinstance(embed, QuantilePatchEmbed3D)
-    x = torch.randn(2, 2, 1, *cfg.vision.img_size)
     patches = cut_patches(x, cfg.vision.patch_size).reshape(2, 2, 4, 36, -1)  # [B, N, gd, gh*gw, P]
     nearest = torch.quantile(patches, PATCH_QUANTILES, dim=-1, interpolation="nearest").movedim(0, -1)
     torch.testing.assert_close(embed.quantiles(embed.patches(x)), nearest)
@@ -420,11 +424,9 @@ def test_patch_embedding_is_the_strided_convolution_of_hlip(tiny_cfg):
 def test_mirror_stem_starts_as_hlips_patch_embedding_and_reads_only_the_left_right_difference(tiny_cfg):
     from hlip_fed.model.vision import MirrorPatchEmbed3D
 
-    cfg = dataclasses.replace(tiny_cfg.model, vision=dataclasses.replace(tiny_cfg.model.vision, stem="patch_mirror"))
-    model = create_model(cfg, seed=0)
+    cfg, model, x = with_stem(tiny_cfg, "patch_mirror")
     embed = model.visual.patch_embed
     assert isinstance(embed, MirrorPatchEmbed3D)
-    x = torch.randn(2, 2, 1, *cfg.vision.img_size)
     hlip = F.linear(cut_patches(x[:, :, 0], cfg.vision.patch_size), embed.proj.weight.flatten(1), embed.proj.bias)
     torch.testing.assert_close(embed(x), hlip)  # zero-initialised: HLIP's patch embedding at the start
     embed(x).square().sum().backward()
