@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hlip_fed.config import DataConfig
     from hlip_fed.synth.probe import (format_conspicuity, format_located, format_result, lesion_conspicuity,
-                                      located_detector, run_probe)
+                                      located_detector, model_input_studies, run_probe)
 
     root = Path(args.consortium)
     if args.generate:
@@ -54,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.conspicuity_only:
         result = run_probe(root, data_cfg=cfg)
         print(format_result(result))
-    result["conspicuity"] = lesion_conspicuity(root, data_cfg=cfg)
+    heldout = model_input_studies(root, "heldout", data_cfg=cfg)  # read once for both tables
+    result["conspicuity"] = lesion_conspicuity(heldout)
     print("Lesion conspicuity on the held-out set (model input: contrast against the mirrored region, "
           "and asymmetry against normal studies):\n")
     print(format_conspicuity(result["conspicuity"]))
-    result["located"] = located_detector(root, data_cfg=cfg)
+    result["located"] = located_detector(heldout)
     print("\nA detector told where each lesion is, on the held-out set (its mask laid on the lesion's scan and "
           "on every scan of the same contrast without the finding):\n")
     print(format_located(result["located"]))

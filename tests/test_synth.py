@@ -423,10 +423,10 @@ def test_probe_reads_intensities_not_normalised_inputs(tmp_path):
 
 
 def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consortium):
-    from hlip_fed.synth.probe import FOCAL, format_conspicuity, lesion_conspicuity
+    from hlip_fed.synth.probe import FOCAL, format_conspicuity, lesion_conspicuity, model_input_studies
 
     site = json.loads((consortium / "consortium.json").read_text())["sites"][2]["name"]  # an MRI site
-    result = lesion_conspicuity(consortium, site, img_size=(16, 48, 48), min_null=2)
+    result = lesion_conspicuity(model_input_studies(consortium, site, img_size=(16, 48, 48)), min_null=2)
     assert result and set(result) <= set(FOCAL)
     for per in result.values():
         for r in per.values():
@@ -436,10 +436,10 @@ def test_lesion_conspicuity_scores_focal_lesions_against_normal_studies(consorti
 
 
 def test_located_detector_reads_a_cohort_at_the_models_input(consortium):
-    from hlip_fed.synth.probe import FOCAL, format_located, located_detector
+    from hlip_fed.synth.probe import FOCAL, format_located, located_detector, model_input_studies
 
     site = json.loads((consortium / "consortium.json").read_text())["sites"][2]["name"]  # an MRI site
-    result = located_detector(consortium, site, img_size=(16, 48, 48))
+    result = located_detector(model_input_studies(consortium, site, img_size=(16, 48, 48)))
     assert set(result) == set(FOCAL)
     for r in result.values():
         assert all(r[k] is None or 0.0 <= r[k] <= 1.0 for k in ("study", "study_contrast"))

@@ -217,16 +217,15 @@ def model_input_studies(consortium_dir: str | Path, cohort: str, img_size=(32, 9
     return studies
 
 
-def lesion_conspicuity(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
-                       min_null: int = 5, data_cfg: DataConfig | None = None) -> dict:
-    """``{finding: {sequence: {"n", "median_z", "frac_z_above_3", "median_contrast"}}}`` at the
-    model's input (preprocessed with ``data_cfg``, by default :class:`DataConfig`'s defaults).
+def lesion_conspicuity(studies: list[dict], min_null: int = 5) -> dict:
+    """``{finding: {sequence: {"n", "median_z", "frac_z_above_3", "median_contrast"}}}`` over
+    ``studies`` (:func:`model_input_studies`' output: the model's input).
 
     A lesion is scored only against at least ``min_null`` normal scans of its contrast.
     """
     scans = []  # (sequence, is_normal, left-right asymmetry map, masks)
     contrast: dict[tuple[str, str], list[float]] = {}
-    for study in model_input_studies(consortium_dir, cohort, img_size, data_cfg):
+    for study in studies:
         masks = study["masks"]
         normal = not any(study["labels"][f] for f in FOCAL)
         for seq, x in study["scans"]:
@@ -320,10 +319,8 @@ def located_aucs(studies: list[dict], finding: str) -> dict:
             "study_contrast": _study_auc([best_per_study(scans, 2) for scans in laid if scans])}
 
 
-def located_detector(consortium_dir: str | Path, cohort: str = "heldout", img_size=(32, 96, 96),
-                     data_cfg: DataConfig | None = None) -> dict:
-    """:func:`located_aucs` of every focal finding over ``cohort``'s studies at the model's input."""
-    studies = model_input_studies(consortium_dir, cohort, img_size, data_cfg)
+def located_detector(studies: list[dict]) -> dict:
+    """:func:`located_aucs` of every focal finding over ``studies`` (:func:`model_input_studies`' output)."""
     return {f: located_aucs(studies, f) for f in FOCAL}
 
 
