@@ -192,9 +192,10 @@ class QuantilePatchEmbed3D(PatchEmbed3D):
     def __init__(self, patch_size: tuple[int, int, int], dim: int):
         super().__init__(patch_size, dim)
         self.quantile_proj = nn.Linear(len(PATCH_QUANTILES), dim)
-        self.reset_quantile_proj()
+        self.reset_added_map()
 
-    def reset_quantile_proj(self) -> None:
+    def reset_added_map(self) -> None:
+        """Zero the map added to HLIP's embedding, so that the stem starts as HLIP's."""
         nn.init.zeros_(self.quantile_proj.weight)
         nn.init.zeros_(self.quantile_proj.bias)
 
@@ -218,9 +219,10 @@ class MirrorPatchEmbed3D(PatchEmbed3D):
     def __init__(self, patch_size: tuple[int, int, int], dim: int):
         super().__init__(patch_size, dim)
         self.mirror_proj = nn.Linear(math.prod(patch_size), dim)
-        self.reset_mirror_proj()
+        self.reset_added_map()
 
-    def reset_mirror_proj(self) -> None:
+    def reset_added_map(self) -> None:
+        """Zero the map added to HLIP's embedding, so that the stem starts as HLIP's."""
         nn.init.zeros_(self.mirror_proj.weight)
         nn.init.zeros_(self.mirror_proj.bias)
 
@@ -294,10 +296,8 @@ class HLIPVisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
-        if isinstance(self.patch_embed, QuantilePatchEmbed3D):
-            self.patch_embed.reset_quantile_proj()
-        if isinstance(self.patch_embed, MirrorPatchEmbed3D):
-            self.patch_embed.reset_mirror_proj()
+        if isinstance(self.patch_embed, (QuantilePatchEmbed3D, MirrorPatchEmbed3D)):
+            self.patch_embed.reset_added_map()  # after the trunc-normal init of every Linear above
 
     # --- token regrouping -------------------------------------------------------------------
     def _to_windows(self, tokens: torch.Tensor, cls: torch.Tensor, level: str) -> torch.Tensor:
